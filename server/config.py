@@ -1,0 +1,77 @@
+"""Settings: one place, from CLI flags and ``T2I_*`` environment variables (pydantic-settings).
+
+Precedence: CLI flag > environment variable > default. Every field is also a flag: ``max_queue`` is
+``--max-queue``; list fields take comma-separated values (``--api-keys k1,k2``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="T2I_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model: str = "auto"  # "auto": z-image-turbo with CUDA, tiny-z-image (random-weight demo) without
+    extra_models: CommaList = []  # more model ids served besides ``model``
+    model_aliases: CommaList = ["gpt-image-1=default", "gpt-image-1-mini=default", "dall-e-3=default", "dall-e-2=default"]
+    device: str | None = None  # None: cuda when available, else cpu
+    max_resident_models: int = 1
+    output_dir: Path = Path("outputs")
+    cache_dir: Path = Path(".cache")  # tiny demo models and converted upscaler weights; HF weights use HF_HOME
+    upscaler_weights: Path | None = None
+    upscale_tile: int = 512
+    max_in_flight: int = 4  # jobs between 'taken from the queue' and 'files written'; only one holds the GPU
+    max_queue: int = 64
+    max_queue_per_client: int = 16
+    preview_method: Literal["fast", "vae", "none"] = "fast"
+    preview_percent: int = 10
+    preview_max_side: int = 512
+    png_compress_level: int = 3
+    max_prompt_chars: int = 4000
+    max_n: int = 4
+    api_keys: CommaList = []
+    cors_origins: CommaList = []  # besides the server's own origin and localhost
+    public_url: str | None = None  # base for absolute image URLs; default: from the request
+    shutdown_grace_s: float = 30.0
+    sse_ping_s: float = 15.0
+    ws_max_frame_bytes: int = 1_048_576
+    log_level: str = "INFO"
+
+    @field_validator("extra_models", "model_aliases", "api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @property
+    def db_path(self) -> Path:
+        return self.output_dir / "jobs.sqlite3"
+
+    def alias_map(self, default_model: str) -> dict[str, str]:
+        """``name=target`` pairs; target ``default`` means the server's default model."""
+        aliases = {}
+        for pair in self.model_aliases:
+            name, _, target = pair.partition("=")
+            aliases[name.strip()] = default_model if target.strip() in ("", "default") else target.strip()
+        return aliases
+
+
+def parse_cli(argv: list[str] | None = None) -> Settings:
+    """Build Settings from flags (each field as ``--kebab-name``) layered over the environment."""
+    parser = argparse.ArgumentParser(prog="python -m server", description="Streaming text-to-image server")
+    for name, field in Settings.model_fields.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=field.description)
+    given = {name: value for name, value in vars(parser.parse_args(argv)).items() if value is not None}
+    return Settings(**given)

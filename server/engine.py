@@ -1,0 +1,317 @@
+"""The job engine: one core behind both protocols.
+
+It owns the queue, the single GPU thread, dedup and the result cache, the state machine's
+side effects (persist, then announce) and the event fan-out. Adapters call ``submit``, ``cancel``,
+``release``, ``get`` and ``client_jobs``; they never touch a job's state themselves.
+
+Interest: every submit names an ``interest`` (a WebSocket client id, one HTTP request). A job is
+cancelled only when the last interest in it is withdrawn (``cancel`` or ``release``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.errors import JobNotCancellable, JobNotFound, QueueFull, ShuttingDown
+from server.events import EventHub, EventKind, JobEvent, Subscriber
+from server.execution import JobRunner
+from server.generation import Generator, Upscaler
+from server.jobs import JobRecord, JobStatus
+from server.spec import JobSpec
+from server.store import JobStore
+
+log = logging.getLogger(__name__)
+SHUTDOWN_REASON = "server shutting down"
+
+
+@dataclass
+class ActiveJob:
+    """Runtime state of an unfinished job; ``record`` is replaced on every transition."""
+
+    record: JobRecord
+    interests: set[str] = field(default_factory=set)
+    cancel_flag: threading.Event = field(default_factory=threading.Event)
+    cancel_reason: str = "cancelled"
+    enqueued_seq: int = 0
+    started_at: float = 0.0
+    latest_preview: JobEvent | None = None
+    client_ids: set[str] = field(default_factory=set)
+
+    @property
+    def job_id(self) -> str:
+        return self.record.job_id
+
+
+@dataclass(frozen=True)
+class Submission:
+    record: JobRecord  # the job's state when submit returned
+    created: bool  # False: deduplicated onto an existing job (or answered from the cache)
+    subscriber: Subscriber | None  # first event: the current status; None when subscribe=False
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    output_dir: Path
+    max_in_flight: int = 4
+    max_queue: int = 64
+    max_queue_per_client: int = 16
+    preview_max_side: int = 512
+    png_compress_level: int = 3
+    finished_cache_size: int = 10_000
+
+
+def scoped_job_id(spec: JobSpec, owner: str | None) -> str:
+    """The job id: the spec's hash, or, when API keys scope jobs, a hash of owner and spec hash."""
+    if owner is None:
+        return spec.job_id
+    return hashlib.sha256(f"{owner}:{spec.job_id}".encode()).hexdigest()
+
+
+class JobEngine:
+    def __init__(self, config: EngineConfig, generator: Generator, upscaler: Upscaler | None, store: JobStore):
+        self.config = config
+        self.store = store
+        self.hub = EventHub()
+        self._active: dict[str, ActiveJob] = {}
+        self._finished: OrderedDict[str, JobRecord] = OrderedDict()
+        self._submit_locks: dict[str, asyncio.Lock] = {}
+        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._seq = 0
+        self._accepting = False
+        self._idle = asyncio.Event()  # set whenever a job finishes
+        self._workers: list[asyncio.Task] = []
+        self._gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
+        self._runner = JobRunner(self, generator, upscaler, self._gpu)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._runner.bind_loop(asyncio.get_running_loop())
+        for record in await self.store.recover_interrupted():
+            log.warning("job %s: %s -> %s after restart", record.job_id[:12], "unfinished", record.status.value)
+        self._workers = [asyncio.create_task(self._worker(), name=f"job-worker-{i}")
+                         for i in range(self.config.max_in_flight)]
+        self._accepting = True
+
+    async def stop(self, grace_s: float = 30.0) -> None:
+        """Stop accepting work; let running jobs finish within ``grace_s``, then fail them."""
+        self._accepting = False
+        for active in list(self._active.values()):
+            if active.record.status is JobStatus.PENDING:
+                await self._finish(active, JobStatus.FAILED, error=SHUTDOWN_REASON)
+        if not await self._wait_idle(grace_s):
+            for active in list(self._active.values()):
+                active.cancel_reason = SHUTDOWN_REASON
+                active.cancel_flag.set()
+            await self._wait_idle(5.0)
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._runner.shutdown()
+        self._gpu.shutdown(wait=False, cancel_futures=True)
+
+    async def _wait_idle(self, timeout: float) -> bool:
+        """True once no job is unfinished, False if ``timeout`` passed first."""
+        try:
+            async with asyncio.timeout(timeout):
+                while self._active:
+                    self._idle.clear()
+                    await self._idle.wait()
+            return True
+        except TimeoutError:
+            return False
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    # -- submission --------------------------------------------------------------------------
+
+    async def submit(self, spec: JobSpec, *, interest: str, client_id: str | None = None,
+                     owner: str | None = None, subscribe: bool = True) -> Submission:
+        """Create the job for ``spec`` or join the existing one (same id = same spec).
+
+        pending/processing/generated: join it (no new work). completed: answered from the cache.
+        failed/cancelled: runs again. Raises ``QueueFull`` / ``ShuttingDown``.
+        """
+        if not self._accepting:
+            raise ShuttingDown("the server is shutting down and accepts no new jobs")
+        job_id = scoped_job_id(spec, owner)
+        lock = self._submit_locks.setdefault(job_id, asyncio.Lock())
+        try:
+            async with lock:
+                return await self._submit_locked(job_id, spec, interest, client_id, owner, subscribe)
+        finally:
+            if not lock.locked() and self._submit_locks.get(job_id) is lock:
+                del self._submit_locks[job_id]
+
+    async def _submit_locked(self, job_id, spec, interest, client_id, owner, subscribe) -> Submission:
+        active = self._active.get(job_id)
+        if active is not None:
+            active.interests.add(interest)
+            await self._link(active, client_id)
+            return Submission(active.record, False, self._subscribe(active.record, active) if subscribe else None)
+        existing = await self._lookup(job_id)
+        if existing is not None and existing.status is JobStatus.COMPLETED:
+            if client_id:
+                await self.store.link_client(client_id, job_id, time.time())
+            return Submission(existing, False, self._subscribe(existing, None) if subscribe else None)
+        self._check_capacity(client_id)
+        now = time.time()
+        if existing is not None:  # failed or cancelled before: run it again
+            record = existing.moved_to(JobStatus.PENDING, error=None, result=None, attempt=existing.attempt + 1)
+        else:
+            record = JobRecord(job_id=job_id, spec=spec, status=JobStatus.PENDING, created_at=now,
+                               updated_at=now, owner=owner)
+        self._seq += 1
+        active = ActiveJob(record=record, interests={interest}, enqueued_seq=self._seq)
+        self._active[job_id] = active
+        self._finished.pop(job_id, None)
+        subscriber = self.hub.subscribe(job_id) if subscribe else None
+        await self.store.put(record)
+        await self._link(active, client_id)
+        self._announce(active.record)
+        self._queue.put_nowait(job_id)
+        log.info("job %s: queued (%s %dx%d, %d steps, n=%d)", job_id[:12], spec.model, spec.width, spec.height, spec.steps, spec.n)
+        return Submission(record, True, subscriber)
+
+    def _check_capacity(self, client_id: str | None) -> None:
+        pending = [a for a in self._active.values() if a.record.status is JobStatus.PENDING]
+        if len(pending) >= self.config.max_queue:
+            raise QueueFull(f"the queue is full ({self.config.max_queue} jobs waiting); retry later")
+        if client_id and sum(client_id in a.client_ids for a in self._active.values()) >= self.config.max_queue_per_client:
+            raise QueueFull(f"this client already has {self.config.max_queue_per_client} unfinished jobs", code="client_queue_full")
+
+    async def _link(self, active: ActiveJob, client_id: str | None) -> None:
+        if client_id and client_id not in active.client_ids:
+            active.client_ids.add(client_id)
+            await self.store.link_client(client_id, active.job_id, time.time())
+
+    def _subscribe(self, record: JobRecord, active: ActiveJob | None) -> Subscriber:
+        """A subscriber whose first event is the job's current status (then its latest preview)."""
+        subscriber = self.hub.subscribe(record.job_id)
+        subscriber.put(JobEvent(EventKind.STATUS, record.job_id, record=record))
+        if active is not None and active.latest_preview is not None:
+            subscriber.put(active.latest_preview)
+        return subscriber
+
+    def subscribe(self, record: JobRecord) -> Subscriber:
+        return self._subscribe(record, self._active.get(record.job_id))
+
+    # -- queries -----------------------------------------------------------------------------
+
+    async def _lookup(self, job_id: str) -> JobRecord | None:
+        if job_id in self._active:
+            return self._active[job_id].record
+        if job_id in self._finished:
+            self._finished.move_to_end(job_id)
+            return self._finished[job_id]
+        record = await self.store.get(job_id)
+        if record is not None and record.status.is_terminal:
+            self._remember(record)
+        return record
+
+    async def get(self, job_id: str, owner: str | None = None) -> JobRecord:
+        record = await self._lookup(job_id)
+        if record is None or (owner is not None and record.owner != owner):
+            raise JobNotFound(f"no job with id '{job_id}'", param="job_id")
+        return record
+
+    async def client_jobs(self, client_id: str, owner: str | None = None) -> list[JobRecord]:
+        records = await self.store.client_jobs(client_id)
+        fresh = [self._active[r.job_id].record if r.job_id in self._active else r for r in records]
+        return [r for r in fresh if owner is None or r.owner == owner]
+
+    def queue_position(self, job_id: str) -> int | None:
+        """0-based place among pending jobs, or None when the job is not pending."""
+        active = self._active.get(job_id)
+        if active is None or active.record.status is not JobStatus.PENDING:
+            return None
+        return sum(1 for a in self._active.values()
+                   if a.record.status is JobStatus.PENDING and a.enqueued_seq < active.enqueued_seq)
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for active in self._active.values():
+            counts[active.record.status.value] = counts.get(active.record.status.value, 0) + 1
+        return counts
+
+    # -- cancellation ------------------------------------------------------------------------
+
+    async def cancel(self, job_id: str, interest: str, owner: str | None = None) -> tuple[JobRecord, bool]:
+        """Withdraw ``interest``; cancel the job if nobody else wants it. Returns (record, cancelled).
+
+        Raises ``JobNotFound``, or ``JobNotCancellable`` for a job that is generated or finished."""
+        record = await self.get(job_id, owner)
+        active = self._active.get(job_id)
+        if active is None or record.status not in (JobStatus.PENDING, JobStatus.PROCESSING):
+            raise JobNotCancellable(f"job is {record.status.value}; only pending or processing jobs can be cancelled",
+                                    param="job_id")
+        active.interests.discard(interest)
+        if active.interests:
+            return active.record, False
+        await self._cancel_now(active)
+        return active.record, True
+
+    async def release(self, job_id: str, interest: str) -> None:
+        """Like ``cancel`` but silent: used when an HTTP client goes away."""
+        active = self._active.get(job_id)
+        if active is None:
+            return
+        active.interests.discard(interest)
+        if not active.interests and active.record.status in (JobStatus.PENDING, JobStatus.PROCESSING):
+            await self._cancel_now(active)
+
+    async def _cancel_now(self, active: ActiveJob) -> None:
+        active.cancel_flag.set()  # a processing job stops at its next step boundary
+        if active.record.status is JobStatus.PENDING:
+            await self._finish(active, JobStatus.CANCELLED, error="cancelled")
+        log.info("job %s: cancel requested", active.job_id[:12])
+
+    # -- state changes (used by JobRunner) ----------------------------------------------------
+
+    async def _move(self, active: ActiveJob, status: JobStatus, **changes) -> JobRecord:
+        # Assign before awaiting the store so that two racing moves see each other's result.
+        active.record = active.record.moved_to(status, **changes)
+        record = active.record
+        await self.store.put(record)
+        self._announce(record)
+        return record
+
+    async def _finish(self, active: ActiveJob, status: JobStatus, **changes) -> JobRecord:
+        self._active.pop(active.job_id, None)
+        record = await self._move(active, status, **changes)
+        self._remember(record)
+        self._idle.set()
+        log.info("job %s: %s%s", active.job_id[:12], status.value, f" ({record.error})" if record.error else "")
+        return record
+
+    def _announce(self, record: JobRecord) -> None:
+        self.hub.publish(JobEvent(EventKind.STATUS, record.job_id, record=record))
+
+    def _remember(self, record: JobRecord) -> None:
+        self._finished[record.job_id] = record
+        self._finished.move_to_end(record.job_id)
+        while len(self._finished) > self.config.finished_cache_size:
+            self._finished.popitem(last=False)
+
+    async def _worker(self) -> None:
+        while True:
+            job_id = await self._queue.get()
+            active = self._active.get(job_id)
+            if active is None or active.record.status is not JobStatus.PENDING:
+                continue
+            try:
+                await self._runner.run(active)
+            except Exception:  # the runner handles job errors; this guards the worker itself
+                log.exception("job %s: unexpected error in the job runner", job_id[:12])
+                if active.job_id in self._active:
+                    await self._finish(active, JobStatus.FAILED, error="internal server error")

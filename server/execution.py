@@ -1,0 +1,171 @@
+"""Running one job: GPU stage, step events, file writing, upscaling.
+
+The GPU is owned by one thread (``gpu`` executor) and guarded by an asyncio lock so generation and
+upscaling never overlap on the device, while up to ``max_in_flight`` jobs are between 'taken from the
+queue' and 'files written': one job's PNG encoding and file writes overlap the next job's denoising.
+
+Step events leave the GPU thread at once: the step callback only submits them to a one-thread
+'post' executor, which encodes previews and hands the events to the loop. Because that executor is
+FIFO, draining it (``_drain_steps``) before announcing a status keeps every preview ahead of the
+status that follows it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from server import files
+from server.errors import JobCancelled, ServerError
+from server.events import EventKind, JobEvent, PreviewImage
+from server.generation import StepUpdate
+from server.jobs import ImageFile, JobResult, JobStatus, Progress
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from server.engine import ActiveJob, JobEngine
+
+log = logging.getLogger(__name__)
+
+
+class JobRunner:
+    def __init__(self, engine: "JobEngine", generator, upscaler, gpu: ThreadPoolExecutor):
+        self._engine = engine
+        self._generator = generator
+        self._upscaler = upscaler
+        self._gpu = gpu
+        self._gpu_lock = asyncio.Lock()
+        self._post = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step-events")
+        self._cpu = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
+        self.gpu_busy_s = 0.0  # total time the generator/upscaler ran: for throughput measurements
+
+    def shutdown(self) -> None:
+        self._post.shutdown(wait=False, cancel_futures=True)
+        self._cpu.shutdown(wait=False, cancel_futures=True)
+
+    async def run(self, active: "ActiveJob") -> None:
+        engine = self._engine
+        async with self._gpu_lock:
+            if active.record.status is not JobStatus.PENDING:
+                return  # cancelled while waiting for the GPU
+            await engine._move(active, JobStatus.PROCESSING)
+            active.started_at = time.monotonic()
+            images, error = await self._on_gpu(active, self._generate, active)
+        await self._drain_steps()
+        if error is not None:
+            status = JobStatus.CANCELLED if isinstance(error, JobCancelled) else JobStatus.FAILED
+            reason = active.cancel_reason if isinstance(error, JobCancelled) else _describe(error, active)
+            if status is JobStatus.CANCELLED and active.cancel_reason != "cancelled":
+                status = JobStatus.FAILED  # stopped by shutdown, not by the user
+            await engine._finish(active, status, error=reason)
+            return
+        generation_s = time.monotonic() - active.started_at
+        try:
+            names = await self._save(active, images, upscaled=False)
+        except OSError as exc:
+            await engine._finish(active, JobStatus.FAILED, error=f"could not write the image: {exc.strerror or exc}")
+            return
+        result = JobResult(images=tuple(ImageFile(name) for name in names),
+                           seeds=tuple(active.record.spec.seed + i for i in range(len(names))),
+                           generation_s=round(generation_s, 3))
+        if not active.record.spec.upscale:
+            await engine._finish(active, JobStatus.COMPLETED, result=result)
+            return
+        await engine._move(active, JobStatus.GENERATED, result=result)
+        await engine._finish(active, JobStatus.COMPLETED, result=await self._upscaled(active, images, result))
+
+    async def _on_gpu(self, active, fn, *args):
+        """Run ``fn`` on the GPU thread; return (value, None) or (None, exception)."""
+        started = time.monotonic()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._gpu, fn, *args), None
+        except (JobCancelled, ServerError) as exc:
+            return None, exc
+        except Exception as exc:  # one job's failure must not stop the worker
+            log.exception("job %s: the GPU stage raised", active.job_id[:12])
+            return None, exc
+        finally:
+            self.gpu_busy_s += time.monotonic() - started
+
+    def _generate(self, active: "ActiveJob") -> "list[Image]":
+        loop_call = self._engine_loop().call_soon_threadsafe
+        request = active.record.spec.generation_request(self._engine.config.preview_max_side)
+
+        def on_step(update: StepUpdate) -> None:
+            self._post.submit(self._emit_step, active, update, time.time(), loop_call)
+
+        return self._generator.generate(request, on_step, active.cancel_flag.is_set)
+
+    def _engine_loop(self):
+        return self._loop
+
+    async def _drain_steps(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._post, lambda: None)
+
+    def _emit_step(self, active: "ActiveJob", update: StepUpdate, at: float, loop_call) -> None:
+        """Post thread: build the progress (and preview) events, then publish them on the loop."""
+        spec = active.record.spec
+        overall = update.image_index * update.total_steps + update.step
+        elapsed = max(1e-6, time.monotonic() - active.started_at)
+        progress = Progress(image_index=update.image_index, step=update.step, total_steps=update.total_steps,
+                            overall_step=overall, overall_total=spec.n * update.total_steps,
+                            elapsed_s=elapsed, seconds_per_step=elapsed / overall)
+        events = [JobEvent(EventKind.PROGRESS, active.job_id, progress=progress, timestamp=at)]
+        if update.preview is not None:
+            data = files.encode_image(update.preview, "png", png_level=1)
+            preview = PreviewImage(update.image_index, update.step, update.total_steps, files.to_b64(data),
+                                   update.preview.width, update.preview.height, produced_at=at)
+            events.append(JobEvent(EventKind.PREVIEW, active.job_id, preview=preview, timestamp=at))
+        loop_call(self._publish_steps, active, events)
+
+    def _publish_steps(self, active: "ActiveJob", events: list[JobEvent]) -> None:
+        if active.record.status is not JobStatus.PROCESSING:
+            return  # late step events of a job that already moved on
+        for event in events:
+            if event.kind is EventKind.PREVIEW:
+                active.latest_preview = event
+            self._engine.hub.publish(event)
+
+    async def _save(self, active: "ActiveJob", images: "list[Image]", upscaled: bool) -> list[str]:
+        spec, config = active.record.spec, self._engine.config
+        names = [files.output_filename(spec.prompt, active.job_id, i, len(images), upscaled, active.record.created_at)
+                 for i in range(len(images))]
+
+        def write_all() -> None:
+            for name, image in zip(names, images):
+                files.write_atomic(config.output_dir, name, files.encode_image(image, "png", png_level=config.png_compress_level))
+
+        await asyncio.get_running_loop().run_in_executor(self._cpu, write_all)
+        return names
+
+    async def _upscaled(self, active: "ActiveJob", images: "list[Image]", result: JobResult) -> JobResult:
+        """The result with upscaled files; on any failure the original images stay and the reason
+        is recorded: a user's finished image is never thrown away."""
+        if self._upscaler is None:
+            return JobResult(result.images, result.seeds, "upscaling is not available on this server", result.generation_s)
+        async with self._gpu_lock:
+            big, error = await self._on_gpu(active, lambda: [self._upscaler.upscale(image) for image in images])
+        if error is None:
+            try:
+                names = await self._save(active, big, upscaled=True)
+                pairs = tuple(ImageFile(img.filename, name) for img, name in zip(result.images, names))
+                return JobResult(pairs, result.seeds, None, result.generation_s)
+            except OSError as exc:
+                error = exc
+        log.warning("job %s: upscaling failed: %s", active.job_id[:12], error)
+        return JobResult(result.images, result.seeds, f"upscaling failed: {_describe(error, active)}", result.generation_s)
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+
+def _describe(error: BaseException, active: "ActiveJob") -> str:
+    if isinstance(error, ServerError):
+        return error.message
+    if isinstance(error, OSError):
+        return f"I/O error: {error.strerror or error}"
+    return "internal error during generation"

@@ -1,0 +1,77 @@
+"""A deterministic stand-in generator and upscaler for tests and benchmarks (no torch).
+
+``FakeGenerator`` honours the whole generation contract (steps, previews, seeds, cancellation)
+with a fixed time per step, so timing-sensitive behaviour of the job core can be shown without a
+model. Prompts containing ``fail:oom`` or ``fail:error`` raise the matching errors.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from PIL import Image
+
+from server.errors import GenerationFailed, JobCancelled, OutOfMemory
+from server.generation import CancelCheck, GenerationRequest, StepCallback, StepUpdate
+
+
+class FakeGenerator:
+    def __init__(self, step_s: float = 0.0, gate: threading.Event | None = None):
+        self.step_s = step_s
+        self.gate = gate  # when given, every step waits for it: tests hold the GPU deterministically
+        self.calls: list[GenerationRequest] = []
+        self.busy_s = 0.0
+
+    def load(self, model: str, variant: str | None) -> None:
+        pass
+
+    def describe(self) -> dict:
+        return {"device": "cpu", "dtype": "none", "loaded": [], "fake": True}
+
+    def generate(self, request: GenerationRequest, on_step: StepCallback, is_cancelled: CancelCheck) -> list[Image.Image]:
+        started = time.monotonic()
+        self.calls.append(request)
+        try:
+            if "fail:oom" in request.prompt:
+                raise OutOfMemory("out of GPU memory while generating; try a smaller size")
+            if "fail:error" in request.prompt:
+                raise GenerationFailed("the generator failed")
+            return [self._one(request, i, on_step, is_cancelled) for i in range(request.n)]
+        finally:
+            self.busy_s += time.monotonic() - started
+
+    def _one(self, request, index, on_step, is_cancelled) -> Image.Image:
+        colour = _colour(request.seed + index)
+        for step in range(1, request.steps + 1):
+            if is_cancelled():
+                raise JobCancelled()
+            if self.gate is not None:
+                self.gate.wait(30)
+            if self.step_s:
+                time.sleep(self.step_s)  # stands for GPU work on this (GPU) thread
+            preview = None
+            if request.preview_method != "none" and (step % request.preview_interval == 0 or step == request.steps):
+                shade = tuple(int(c * step / request.steps) for c in colour)
+                side = min(request.preview_max_side, 64)
+                preview = Image.new("RGB", (side, side), shade)
+            on_step(StepUpdate(index, step, request.steps, preview))
+        if is_cancelled():
+            raise JobCancelled()
+        return Image.new("RGB", (request.width, request.height), colour)
+
+
+class FakeUpscaler:
+    def __init__(self, fail: bool = False):
+        self.fail = fail
+        self.calls = 0
+
+    def upscale(self, image: Image.Image) -> Image.Image:
+        self.calls += 1
+        if self.fail:
+            raise OutOfMemory("out of GPU memory while upscaling")
+        return image.resize((image.width * 4, image.height * 4), Image.NEAREST)
+
+
+def _colour(seed: int) -> tuple[int, int, int]:
+    return (seed * 67 % 256, seed * 131 % 256, seed * 197 % 256)

@@ -1,0 +1,73 @@
+"""The generation contract between the job core and the model layer.
+
+The job core calls ``Generator.generate`` from its single GPU thread; implementations must not touch
+the event loop. ``on_step`` is called after every denoising step (it must be cheap; the job core
+forwards it thread-safely); ``is_cancelled`` is polled at every step boundary and, when true, the
+generator stops within one step and never VAE-decodes (it raises ``server.errors.JobCancelled``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Protocol
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What one pipeline run needs; a normalized job spec maps onto it one to one."""
+
+    model: str
+    variant: str | None
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    n: int = 1
+    preview_method: str = "fast"  # "fast" (linear latent->RGB) | "vae" (full decode of x0) | "none"
+    preview_interval: int = 1  # steps between previews; the last step always previews
+    preview_max_side: int = 512
+
+
+@dataclass(frozen=True)
+class StepUpdate:
+    image_index: int  # 0-based image of the n in the request
+    step: int  # 1-based: steps completed for this image
+    total_steps: int
+    preview: "Image | None" = None  # set on preview steps only
+
+
+StepCallback = Callable[[StepUpdate], None]
+CancelCheck = Callable[[], bool]
+
+
+class Generator(Protocol):
+    def generate(
+        self, request: GenerationRequest, on_step: StepCallback, is_cancelled: CancelCheck
+    ) -> "list[Image]":
+        """Return ``request.n`` images, image i seeded with ``seed + i``; deterministic per device."""
+        ...
+
+    def load(self, model: str, variant: str | None) -> None:
+        """Make the model resident (downloading nothing when offline); raise ``ModelLoadError``."""
+        ...
+
+    def describe(self) -> dict:
+        """Device, dtype and loaded models, for /health."""
+        ...
+
+
+class Upscaler(Protocol):
+    def upscale(self, image: "Image") -> "Image":
+        """Return the image 4x larger (RGB or RGBA kept)."""
+        ...
+
+
+def preview_interval_for(steps: int, percent: int = 10) -> int:
+    """Steps between previews for 'every ``percent``% of steps': every step when steps <= 100/percent."""
+    return max(1, round(steps * percent / 100))

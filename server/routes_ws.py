@@ -1,0 +1,7 @@
+"""Placeholder: replaced by the adapter implementation."""
+
+from fastapi import FastAPI
+
+
+def install(app: FastAPI) -> None:
+    pass

@@ -1,0 +1,144 @@
+"""Job persistence: the ``JobStore`` interface and its embedded SQLite implementation.
+
+Contract: ``put`` returns only after the record is durable (WAL, synchronous=NORMAL survives a
+process kill; power loss may lose the last commit), and the engine announces a state change only
+after ``put`` returned. All SQLite work runs on one dedicated thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Protocol
+
+from server.jobs import JobRecord, JobResult, JobStatus
+from server.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    result TEXT,
+    error TEXT,
+    owner TEXT,
+    attempt INTEGER NOT NULL DEFAULT 1
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
+CREATE TABLE IF NOT EXISTS client_jobs (
+    client_id TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    linked_at REAL NOT NULL,
+    PRIMARY KEY (client_id, job_id)
+);
+"""
+
+RESTART_REASON = "interrupted by server restart"
+
+
+class JobStore(Protocol):
+    async def put(self, record: JobRecord) -> None: ...
+    async def get(self, job_id: str) -> JobRecord | None: ...
+    async def link_client(self, client_id: str, job_id: str, at: float) -> None: ...
+    async def client_jobs(self, client_id: str, limit: int = 200) -> list[JobRecord]: ...
+    async def recover_interrupted(self) -> list[JobRecord]: ...
+    async def close(self) -> None: ...
+
+
+class SQLiteJobStore:
+    def __init__(self, path: Path):
+        self._path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+        self._conn: sqlite3.Connection | None = None
+
+    async def open(self) -> "SQLiteJobStore":
+        await self._run(self._open_sync)
+        return self
+
+    def _open_sync(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.executescript(SCHEMA)
+        self._conn = conn
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def put(self, record: JobRecord) -> None:
+        await self._run(self._put_sync, record)
+
+    def _put_sync(self, record: JobRecord) -> None:
+        result = json.dumps(record.result.to_dict()) if record.result else None
+        self._conn.execute(
+            "INSERT INTO jobs (job_id, spec, status, created_at, updated_at, result, error, owner, attempt)"
+            " VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(job_id) DO UPDATE SET spec=excluded.spec,"
+            " status=excluded.status, created_at=excluded.created_at, updated_at=excluded.updated_at,"
+            " result=excluded.result, error=excluded.error, owner=excluded.owner, attempt=excluded.attempt",
+            (record.job_id, json.dumps(record.spec.to_dict()), record.status.value, record.created_at,
+             record.updated_at, result, record.error, record.owner, record.attempt),
+        )
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        return await self._run(self._get_sync, job_id)
+
+    def _get_sync(self, job_id: str) -> JobRecord | None:
+        row = self._conn.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return _record_from_row(row) if row else None
+
+    async def link_client(self, client_id: str, job_id: str, at: float) -> None:
+        await self._run(lambda: self._conn.execute(
+            "INSERT OR IGNORE INTO client_jobs (client_id, job_id, linked_at) VALUES (?,?,?)", (client_id, job_id, at)))
+
+    async def client_jobs(self, client_id: str, limit: int = 200) -> list[JobRecord]:
+        def query() -> list[JobRecord]:
+            rows = self._conn.execute(
+                "SELECT jobs.* FROM client_jobs JOIN jobs USING (job_id) WHERE client_id = ?"
+                " ORDER BY client_jobs.linked_at DESC LIMIT ?", (client_id, limit)).fetchall()
+            return [_record_from_row(row) for row in rows]
+        return await self._run(query)
+
+    async def recover_interrupted(self) -> list[JobRecord]:
+        """At start: jobs a dead process left unfinished. Pending/processing -> failed with
+        RESTART_REASON; generated (image saved, upscale lost) -> completed without the upscale, so
+        an image the user was told exists is kept. Returns the changed records."""
+        return await self._run(self._recover_sync)
+
+    def _recover_sync(self) -> list[JobRecord]:
+        rows = self._conn.execute("SELECT * FROM jobs WHERE status IN ('pending','processing','generated')").fetchall()
+        changed = []
+        for record in map(_record_from_row, rows):
+            if record.status is JobStatus.GENERATED and record.result is not None:
+                result = JobResult(images=record.result.images, seeds=record.result.seeds,
+                                   upscale_error=RESTART_REASON, generation_s=record.result.generation_s)
+                record = record.moved_to(JobStatus.COMPLETED, result=result)
+            else:
+                record = record.moved_to(JobStatus.FAILED, error=RESTART_REASON)
+            self._put_sync(record)
+            changed.append(record)
+        return changed
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._run(self._conn.close)
+            self._conn = None
+        self._executor.shutdown(wait=True)
+
+
+def _record_from_row(row: tuple) -> JobRecord:
+    job_id, spec, status, created_at, updated_at, result, error, owner, attempt = row
+    return JobRecord(
+        job_id=job_id, spec=JobSpec.from_dict(json.loads(spec)), status=JobStatus(status),
+        created_at=created_at, updated_at=updated_at,
+        result=JobResult.from_dict(json.loads(result)) if result else None,
+        error=error, owner=owner, attempt=attempt,
+    )

@@ -1,0 +1,95 @@
+"""Shared fixtures: settings in a temp dir, and a real uvicorn server on a loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("SDNQ_USE_TORCH_COMPILE", "0")
+
+from server.app import NO_UPSCALER, create_app  # noqa: E402
+from server.config import Settings  # noqa: E402
+from server.fake_generator import FakeGenerator, FakeUpscaler  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_CACHE = REPO / ".cache"  # tiny models and converted weights are built once per checkout
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LiveServer:
+    """A real uvicorn server in a background thread; ``url`` is ready when the context is entered."""
+
+    def __init__(self, app, port: int | None = None):
+        self.app = app
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ws_url = f"ws://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", ws_max_size=2**21)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "LiveServer":
+        self.thread.start()
+        for _ in range(3000):
+            if self.server.started:
+                return self
+            if not self.thread.is_alive():
+                raise RuntimeError("server failed to start")
+            self.thread.join(0.01)
+        raise RuntimeError("server did not start within 30 s")
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+
+    @property
+    def engine(self):
+        return self.app.state.engine
+
+    def call(self, coro):
+        """Run a coroutine on the server's event loop (for inspecting engine state)."""
+        loop = self.engine._runner._loop
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(30)
+
+
+def make_settings(tmp_path: Path, **overrides) -> Settings:
+    values = dict(output_dir=tmp_path / "outputs", cache_dir=SHARED_CACHE, model="tiny-z-image",
+                  shutdown_grace_s=5.0)
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return make_settings(tmp_path)
+
+
+@pytest.fixture
+def fake_server(tmp_path):
+    """A live server over a FakeGenerator (fast, deterministic) and a FakeUpscaler."""
+    generator = FakeGenerator(step_s=0.01)
+    app = create_app(make_settings(tmp_path), generator=generator, upscaler=FakeUpscaler(), default_model="tiny-z-image")
+    with LiveServer(app) as server:
+        server.generator = generator
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tmp_path_factory):
+    """A live server over the real diffusers path with the tiny Z-Image model, no upscaler."""
+    tmp = tmp_path_factory.mktemp("tiny-server")
+    app = create_app(make_settings(tmp), upscaler=NO_UPSCALER, default_model="tiny-z-image")
+    with LiveServer(app) as server:
+        yield server
