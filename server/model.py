@@ -254,11 +254,12 @@ class DiffusersGenerator:
                 source = str(tiny_models.tiny_model_dir(self.cache_dir, repo[len(tiny_models.TINY_PREFIX):]))
             else:
                 source = repo
-            pipe = pipeline_class.from_pretrained(source, torch_dtype=self._torch_dtype())
+            pipe = pipeline_class.from_pretrained(source, dtype=self._torch_dtype())
             pipe.to(self._resolve_device())
             pipe.set_progress_bar_config(disable=True)
         except Exception as exc:  # noqa: BLE001 - every load failure becomes one clear line
-            logger.warning("loading %s failed", repo, exc_info=True)
+            logger.warning("loading %s failed: %s", repo, _one_line(exc))
+            logger.debug("load failure details", exc_info=True)
             raise ModelLoadError(self._load_error_message(profile, variant, repo, exc)) from None
         self._apply_quantized_matmul(pipe)
         logger.info("loaded %s (%s) from %s on %s", profile.model_id, variant, source, self._resolve_device())
