@@ -41,6 +41,7 @@ class JobRunner:
         self._gpu_lock = asyncio.Lock()
         self._post = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step-events")
         self._cpu = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
+        self._loop: asyncio.AbstractEventLoop | None = None  # bound in JobEngine.start
         self.gpu_busy_s = 0.0  # total time the generator/upscaler ran: for throughput measurements
 
     def shutdown(self) -> None:
@@ -92,16 +93,13 @@ class JobRunner:
             self.gpu_busy_s += time.monotonic() - started
 
     def _generate(self, active: "ActiveJob") -> "list[Image]":
-        loop_call = self._engine_loop().call_soon_threadsafe
+        loop_call = self._loop.call_soon_threadsafe
         request = active.record.spec.generation_request(self._engine.config.preview_max_side)
 
         def on_step(update: StepUpdate) -> None:
             self._post.submit(self._emit_step, active, update, time.time(), loop_call)
 
         return self._generator.generate(request, on_step, active.cancel_flag.is_set)
-
-    def _engine_loop(self):
-        return self._loop
 
     async def _drain_steps(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._post, lambda: None)

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The test command (README): the whole suite, offline, on the CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 SDNQ_USE_TORCH_COMPILE=0 TOKENIZERS_PARALLELISM=false
+exec .venv/bin/python -m pytest -q "$@"

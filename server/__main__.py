@@ -1,0 +1,46 @@
+"""Entrypoint: ``python -m server [--model auto|z-image-turbo|cogview4|tiny-z-image|...] [--port 8000]``.
+
+The only place that configures logging. The default model is loaded before the server binds, so a
+missing model ends the process at once with one line that says why and what to do (exit code 2).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from server.config import Settings, parse_cli
+
+log = logging.getLogger("server")
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_cli(argv)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from server.app import cuda_available, create_app, default_generator
+    from server.catalog import resolve_default_model
+    from server.errors import ServerError
+
+    try:
+        model = resolve_default_model(settings.model, cuda_available())
+        generator = default_generator(settings)
+        log.info("loading %s ...", model)
+        generator.load(model, None)
+    except ServerError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    return serve(settings, create_app(settings, generator=generator, default_model=model))
+
+
+def serve(settings: Settings, app) -> int:
+    import uvicorn
+
+    # uvicorn handles SIGTERM/SIGINT: it stops accepting, and the app's lifespan drains the engine.
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                            ws_max_size=settings.ws_max_frame_bytes, timeout_graceful_shutdown=settings.shutdown_grace_s + 5)
+    uvicorn.Server(config).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
