@@ -43,6 +43,7 @@ class ActiveJob:
     enqueued_seq: int = 0
     started_at: float = 0.0
     latest_preview: JobEvent | None = None
+    status_history: list[JobEvent] = field(default_factory=list)  # replayed to late subscribers
     client_ids: set[str] = field(default_factory=set)
 
     @property
@@ -178,7 +179,7 @@ class JobEngine:
         subscriber = self.hub.subscribe(job_id) if subscribe else None
         await self.store.put(record)
         await self._link(active, client_id)
-        self._announce(active.record)
+        active.status_history.append(self._announce(active.record))
         self._queue.put_nowait(job_id)
         log.info("job %s: queued (%s %dx%d, %d steps, n=%d)", job_id[:12], spec.model, spec.width, spec.height, spec.steps, spec.n)
         return Submission(record, True, subscriber)
@@ -196,9 +197,13 @@ class JobEngine:
             await self.store.link_client(client_id, active.job_id, time.time())
 
     def _subscribe(self, record: JobRecord, active: ActiveJob | None) -> Subscriber:
-        """A subscriber whose first event is the job's current status (then its latest preview)."""
+        """A subscriber that first gets every status the job has had in this run (so concurrent
+        duplicate submitters all see the same sequence), then its latest preview, then live events.
+        For a job not running in this process: just its current status."""
         subscriber = self.hub.subscribe(record.job_id)
-        subscriber.put(JobEvent(EventKind.STATUS, record.job_id, record=record))
+        history = active.status_history if active is not None else []
+        for event in history or [JobEvent(EventKind.STATUS, record.job_id, record=record)]:
+            subscriber.put(event)
         if active is not None and active.latest_preview is not None:
             subscriber.put(active.latest_preview)
         return subscriber
@@ -283,19 +288,23 @@ class JobEngine:
         active.record = active.record.moved_to(status, **changes)
         record = active.record
         await self.store.put(record)
-        self._announce(record)
+        event = self._announce(record)
+        active.status_history.append(event)
         return record
 
     async def _finish(self, active: ActiveJob, status: JobStatus, **changes) -> JobRecord:
         self._active.pop(active.job_id, None)
         record = await self._move(active, status, **changes)
+        active.status_history.clear()
         self._remember(record)
         self._idle.set()
         log.info("job %s: %s%s", active.job_id[:12], status.value, f" ({record.error})" if record.error else "")
         return record
 
-    def _announce(self, record: JobRecord) -> None:
-        self.hub.publish(JobEvent(EventKind.STATUS, record.job_id, record=record))
+    def _announce(self, record: JobRecord) -> JobEvent:
+        event = JobEvent(EventKind.STATUS, record.job_id, record=record)
+        self.hub.publish(event)
+        return event
 
     def _remember(self, record: JobRecord) -> None:
         self._finished[record.job_id] = record

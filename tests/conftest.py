@@ -93,3 +93,49 @@ def tiny_server(tmp_path_factory):
     app = create_app(make_settings(tmp), upscaler=NO_UPSCALER, default_model="tiny-z-image")
     with LiveServer(app) as server:
         yield server
+
+
+class ServerProcess:
+    """``python -m server ...`` as a real child process on a free port; ready when /health answers."""
+
+    def __init__(self, *args: str, env: dict | None = None, port: int | None = None):
+        import subprocess
+        import sys
+
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ws_url = f"ws://127.0.0.1:{self.port}"
+        self.args = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(self.port), *args]
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "SDNQ_USE_TORCH_COMPILE": "0", **(env or {})}
+        self._popen = subprocess.Popen
+        self.proc = None
+
+    def start(self, timeout: float = 120.0) -> "ServerProcess":
+        import subprocess
+        import time
+
+        import httpx
+
+        self.proc = self._popen(self.args, cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.proc.stdout.read()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                self.proc.stdout  # not ready yet; the connection attempt itself paces this loop
+                threading.Event().wait(0.1)
+        raise RuntimeError("server did not become healthy in time")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

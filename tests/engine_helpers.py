@@ -1,0 +1,44 @@
+"""Helpers for driving the job engine directly (its public Python interface)."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from server.engine import EngineConfig, JobEngine
+from server.fake_generator import FakeGenerator, FakeUpscaler
+from server.profiles import get_profile
+from server.spec import Limits, SpecInput, normalize
+from server.store import SQLiteJobStore
+
+
+def spec(prompt="a red fox", seed=1, **fields):
+    return normalize(SpecInput(prompt=prompt, model="tiny-z-image", seed=seed, **fields),
+                     get_profile("tiny-z-image"), Limits())
+
+
+@contextlib.asynccontextmanager
+async def running_engine(tmp_path: Path, generator=None, upscaler=None, **config):
+    store = await SQLiteJobStore(tmp_path / "jobs.sqlite3").open()
+    engine = JobEngine(EngineConfig(output_dir=tmp_path / "outputs", **config),
+                       generator or FakeGenerator(), upscaler or FakeUpscaler(), store)
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.stop(2.0)
+        await store.close()
+
+
+async def until_terminal(subscriber, timeout=20.0):
+    """All events up to and including the terminal status."""
+    events = []
+    while True:
+        event = await subscriber.get(timeout=timeout)
+        events.append(event)
+        if event.is_terminal:
+            return events
+
+
+def statuses(events):
+    return [e.record.status.value for e in events if e.record is not None]
