@@ -11,7 +11,7 @@ import logging
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
 from server import __version__
 from server.catalog import Catalog, resolve_default_model
@@ -79,12 +79,26 @@ def create_app(settings: Settings, generator: Generator | None = None, upscaler=
 
     app = FastAPI(title="t2i-server", version=__version__, lifespan=lifespan)
     app.state.settings, app.state.catalog = settings, catalog
+    _add_cors(app, settings)
     _add_routes(app)
     return app
 
 
 def get_demo(catalog: Catalog) -> bool:
     return any(profile.is_demo for profile in catalog.profiles())
+
+
+# Browsers on localhost (any port) and pages opened from disk (Origin: null, web_client.html) may
+# call the API; any other origin must be listed in T2I_CORS_ORIGINS. Same-origin needs no CORS.
+LOCALHOST_ORIGINS = r"^https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?$"
+
+
+def _add_cors(app: FastAPI, settings: Settings) -> None:
+    from fastapi.middleware.cors import CORSMiddleware
+
+    app.add_middleware(CORSMiddleware, allow_origins=["null", *settings.cors_origins],
+                       allow_origin_regex=LOCALHOST_ORIGINS, allow_methods=["GET", "POST", "OPTIONS"],
+                       allow_headers=["Authorization", "Content-Type"], expose_headers=["Retry-After"])
 
 
 def _add_routes(app: FastAPI) -> None:

@@ -7,6 +7,7 @@ model. Prompts containing ``fail:oom`` or ``fail:error`` raise the matching erro
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 
@@ -17,8 +18,9 @@ from server.generation import CancelCheck, GenerationRequest, StepCallback, Step
 
 
 class FakeGenerator:
-    def __init__(self, step_s: float = 0.0, gate: threading.Event | None = None):
+    def __init__(self, step_s: float = 0.0, gate: threading.Event | None = None, noise: bool = False):
         self.step_s = step_s
+        self.noise = noise  # noise images cost real PNG-encoding time, like real outputs
         self.gate = gate  # when given, every step waits for it: tests hold the GPU deterministically
         self.calls: list[GenerationRequest] = []
         self.busy_s = 0.0
@@ -58,6 +60,9 @@ class FakeGenerator:
             on_step(StepUpdate(index, step, request.steps, preview))
         if is_cancelled():
             raise JobCancelled()
+        if self.noise:
+            return Image.frombytes("RGB", (request.width, request.height),
+                                   random.Random(request.seed + index).randbytes(request.width * request.height * 3))
         return Image.new("RGB", (request.width, request.height), colour)
 
 

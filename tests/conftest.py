@@ -116,18 +116,25 @@ class ServerProcess:
 
         import httpx
 
-        self.proc = self._popen(self.args, cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        import tempfile
+
+        # A file, not a pipe: a chatty server must never block on a full pipe nobody reads.
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+        self.proc = self._popen(self.args, cwd=REPO, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.proc.stdout.read()[-2000:]}")
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.output()[-2000:]}")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return self
             except httpx.HTTPError:
-                self.proc.stdout  # not ready yet; the connection attempt itself paces this loop
-                threading.Event().wait(0.1)
+                threading.Event().wait(0.1)  # not listening yet: poll the port at 10 Hz
         raise RuntimeError("server did not become healthy in time")
+
+    def output(self) -> str:
+        with open(self.log.name) as handle:
+            return handle.read()
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
