@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.errors import JobNotCancellable, JobNotFound, QueueFull, ShuttingDown
+from server import files
 from server.events import EventHub, EventKind, JobEvent, Subscriber
 from server.execution import JobRunner
 from server.generation import Generator, Upscaler
@@ -96,6 +97,7 @@ class JobEngine:
 
     async def start(self) -> None:
         self._runner.bind_loop(asyncio.get_running_loop())
+        await asyncio.to_thread(files.remove_partials, self.config.output_dir)
         for record in await self.store.recover_interrupted():
             log.warning("job %s: %s -> %s after restart", record.job_id[:12], "unfinished", record.status.value)
         self._workers = [asyncio.create_task(self._worker(), name=f"job-worker-{i}")

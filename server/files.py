@@ -88,3 +88,12 @@ def read_as(path: Path, fmt: str, quality: int = 100) -> bytes:
         return path.read_bytes()
     with Image.open(path) as image:
         return encode_image(image, fmt, quality)
+
+
+def remove_partials(directory: Path) -> int:
+    """Delete temp files a killed process left behind; they were never announced to anyone."""
+    removed = 0
+    for path in directory.glob(".tmp-*.part") if directory.is_dir() else ():
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed

@@ -1,0 +1,182 @@
+"""Wire schemas of the OpenAI-compatible adapter: the request, the responses and the stream events.
+
+Every JSON message ``routes_openai`` and ``streaming`` put on the wire is one of these models.
+Inside the server the adapter turns them into a ``SpecInput`` (the job core's input) and plain
+dataclasses; nothing past the adapter sees pydantic.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Quality = Literal["auto", "low", "medium", "high", "xhigh", "max", "standard", "hd"]
+OutputFormat = Literal["png", "jpeg", "webp"]
+
+
+class ImageGenerationRequest(BaseModel):
+    """``POST /v1/images/generations``: the OpenAI fields plus this server's extensions.
+
+    Unknown fields are ignored (newer SDKs send fields this server does not know) and ``null``
+    means "the default" for every field, as the official SDK sends ``None`` as ``null``.
+
+    - ``size``: ``"WxH"`` or ``"auto"`` (the model's default size); the bounds are the model's.
+    - ``response_format``: ``b64_json`` (default) or ``url``: an absolute URL of the stored PNG
+      (``output_format`` then does not apply and the response says ``png``).
+    - ``quality`` is accepted, validated and echoed back, but **does not change the image**: the
+      served models are step-distilled to a fixed step count, where fewer steps ruin the image and
+      more add nothing, so quality-to-steps would be a trap. Ask for ``num_inference_steps`` to
+      change the step count. Leaving quality out of the job also lets requests that differ only in
+      quality share one job and its cache entry.
+    - ``background``: only opaque images exist here; ``transparent`` is a 400.
+    - ``stream`` + ``partial_images`` choose the stream dialect: with ``partial_images`` (even 0)
+      the OpenAI events, without it the step events (one per preview, then ``[DONE]``).
+    - ``upscale``: each ``data`` entry also carries the x4 image as ``upscaled_b64_json`` or
+      ``upscaled_url`` (``data`` stays one entry per image); if upscaling failed the image is still
+      returned and ``upscale_error`` says why.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(description="What to draw; required, non-empty.")
+    model: str | None = Field(None, description="A served model id or an alias such as gpt-image-1; null: the default.")
+    n: int | None = Field(None, ge=1, description="Images to generate: 1 up to the server's max_n (4 unless configured).")
+    size: str | None = Field(None, description='"WxH" (e.g. "512x512") or "auto".')
+    response_format: Literal["b64_json", "url"] | None = None
+    output_format: OutputFormat | None = None
+    output_compression: int | None = Field(None, ge=0, le=100, description="jpeg/webp quality; 100 = best.")
+    quality: Quality | None = Field(None, description="Echoed back; does not change generation.")
+    background: Literal["transparent", "opaque", "auto"] | None = None
+    moderation: str | None = None  # accepted for compatibility; there is no moderation here
+    style: str | None = None  # dall-e-3 only upstream; ignored
+    user: str | None = None
+    stream: bool | None = None
+    partial_images: int | None = Field(None, ge=0, le=3)
+    # -- extensions ---------------------------------------------------------------------------
+    negative_prompt: str | None = None
+    guidance_scale: float | None = None
+    num_inference_steps: int | None = Field(None, ge=1)
+    seed: int | None = Field(None, ge=0, description="Fixes the images; equal requests are one cached job.")
+    upscale: bool | None = Field(None, description="Also produce the Real-ESRGAN x4 image.")
+    model_type: str | None = Field(None, description="Weight variant, e.g. uint4 or int8 for z-image-turbo.")
+
+
+class InputTokensDetails(BaseModel):
+    text_tokens: int
+    image_tokens: int = 0
+
+
+class Usage(BaseModel):
+    """Token accounting in the OpenAI shape: input = prompt words, output = 16x16 image patches."""
+
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    input_tokens_details: InputTokensDetails
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    upscaled_b64_json: str | None = None
+    upscaled_url: str | None = None
+    seed: int | None = None
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    size: str
+    output_format: str
+    quality: str
+    background: str = "opaque"
+    usage: Usage
+    job_id: str
+    upscale_error: str | None = None
+
+
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    root: str | None = None  # the served model an alias stands for
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorEnvelope(BaseModel):
+    error: ErrorBody
+
+
+# -- stream events --------------------------------------------------------------------------
+
+
+class StepEvent(BaseModel):
+    """Step dialect: one per preview (``is_final`` false), then one per image with the final image.
+
+    ``progress`` is the job's overall percentage (0-100) over all ``n`` images; ``step`` counts
+    within image ``index``; ``timestamp`` is when the server produced the picture (Unix seconds).
+    """
+
+    job_id: str
+    index: int
+    step: int
+    total_steps: int
+    progress: float
+    image: str
+    timestamp: float
+    is_final: bool
+    output_format: str
+    seed: int | None = None
+    upscaled_image: str | None = None
+
+
+class PartialImageEvent(BaseModel):
+    """OpenAI ``image_generation.partial_image``; ``image_index`` (an extension) is the image of n."""
+
+    type: Literal["image_generation.partial_image"] = "image_generation.partial_image"
+    b64_json: str
+    partial_image_index: int
+    created_at: int
+    size: str
+    quality: str
+    background: str = "opaque"
+    output_format: str
+    image_index: int = 0
+    job_id: str
+
+
+class CompletedEvent(BaseModel):
+    """OpenAI ``image_generation.completed``: one per image."""
+
+    type: Literal["image_generation.completed"] = "image_generation.completed"
+    b64_json: str
+    created_at: int
+    size: str
+    quality: str
+    background: str = "opaque"
+    output_format: str
+    usage: Usage
+    image_index: int = 0
+    job_id: str
+    seed: int | None = None
+    upscaled_b64_json: str | None = None
+
+
+class ErrorEvent(BaseModel):
+    """An error after the 200: the SDK raises ``openai.APIError`` on a truthy ``error`` key."""
+
+    type: Literal["error"] = "error"
+    error: ErrorBody
