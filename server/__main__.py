@@ -6,6 +6,7 @@ missing model ends the process at once with one line that says why and what to d
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 
@@ -35,10 +36,29 @@ def main(argv: list[str] | None = None) -> int:
 def serve(settings: Settings, app) -> int:
     import uvicorn
 
-    # uvicorn handles SIGTERM/SIGINT: it stops accepting, and the app's lifespan drains the engine.
+    class DrainingServer(uvicorn.Server):
+        """On the first SIGTERM/SIGINT: refuse new jobs, let running ones finish within the grace
+        period (then fail them), so open streams and WebSocket clients get a final status or an
+        error event; only then let uvicorn close connections. A second signal exits at once."""
+
+        draining = False
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.draining or not hasattr(app.state, "engine"):
+                return super().handle_exit(sig, frame)
+            self.draining = True
+            log.info("signal %s: draining jobs for up to %.0f s", sig, settings.shutdown_grace_s)
+            asyncio.get_event_loop().create_task(self._drain_then_exit(sig, frame))
+
+        async def _drain_then_exit(self, sig, frame) -> None:
+            try:
+                await app.state.engine.stop(settings.shutdown_grace_s)
+            finally:
+                super().handle_exit(sig, frame)
+
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                            ws_max_size=settings.ws_max_frame_bytes, timeout_graceful_shutdown=settings.shutdown_grace_s + 5)
-    uvicorn.Server(config).run()
+                            ws_max_size=settings.ws_max_frame_bytes, timeout_graceful_shutdown=5)
+    DrainingServer(config).run()
     return 0
 
 

@@ -89,6 +89,7 @@ class JobEngine:
         self._seq = 0
         self._accepting = False
         self._idle = asyncio.Event()  # set whenever a job finishes
+        self._stopping: asyncio.Future | None = None
         self._workers: list[asyncio.Task] = []
         self._gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
         self._runner = JobRunner(self, generator, upscaler, self._gpu)
@@ -105,7 +106,13 @@ class JobEngine:
         self._accepting = True
 
     async def stop(self, grace_s: float = 30.0) -> None:
-        """Stop accepting work; let running jobs finish within ``grace_s``, then fail them."""
+        """Stop accepting work; let running jobs finish within ``grace_s``, then fail them.
+        Idempotent: a second call waits for the first."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop(grace_s))
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, grace_s: float) -> None:
         self._accepting = False
         for active in list(self._active.values()):
             if active.record.status is JobStatus.PENDING:

@@ -28,25 +28,25 @@ QUEUE_RETRY_AFTER_S = 2
 
 
 @dataclass(frozen=True)
-class Mapping:
+class ErrorMapping:
     status: int
     type: str
     headers: dict[str, str] | None = None
 
 
 # Most specific first: the first isinstance match wins (OutOfMemory before GenerationFailed).
-ERROR_MAP: tuple[tuple[type[errors.ServerError], Mapping], ...] = (
-    (errors.InvalidRequest, Mapping(400, INVALID)),
-    (errors.AuthenticationFailed, Mapping(401, INVALID, {"WWW-Authenticate": "Bearer"})),
-    (errors.ModelNotFound, Mapping(404, INVALID)),
-    (errors.JobNotFound, Mapping(404, INVALID)),
-    (errors.NotFound, Mapping(404, INVALID)),
-    (errors.JobNotCancellable, Mapping(409, INVALID)),
-    (errors.IllegalTransition, Mapping(409, INVALID)),
-    (errors.QueueFull, Mapping(429, "rate_limit_error", {"Retry-After": str(QUEUE_RETRY_AFTER_S)})),
-    (errors.ShuttingDown, Mapping(503, SERVER)),
-    (errors.ModelLoadError, Mapping(503, SERVER, NO_RETRY)),
-    (errors.GenerationFailed, Mapping(500, SERVER, NO_RETRY)),
+ERROR_MAP: tuple[tuple[type[errors.ServerError], ErrorMapping], ...] = (
+    (errors.InvalidRequest, ErrorMapping(400, INVALID)),
+    (errors.AuthenticationFailed, ErrorMapping(401, INVALID, {"WWW-Authenticate": "Bearer"})),
+    (errors.ModelNotFound, ErrorMapping(404, INVALID)),
+    (errors.JobNotFound, ErrorMapping(404, INVALID)),
+    (errors.NotFound, ErrorMapping(404, INVALID)),
+    (errors.JobNotCancellable, ErrorMapping(409, INVALID)),
+    (errors.IllegalTransition, ErrorMapping(409, INVALID)),
+    (errors.QueueFull, ErrorMapping(429, "rate_limit_error", {"Retry-After": str(QUEUE_RETRY_AFTER_S)})),
+    (errors.ShuttingDown, ErrorMapping(503, SERVER)),
+    (errors.ModelLoadError, ErrorMapping(503, SERVER, NO_RETRY)),
+    (errors.GenerationFailed, ErrorMapping(500, SERVER, NO_RETRY)),
 )
 
 
@@ -55,11 +55,11 @@ def error_body(exc: errors.ServerError) -> ErrorBody:
     return ErrorBody(message=exc.message, type=mapping_for(exc).type, param=exc.param, code=exc.code)
 
 
-def mapping_for(exc: errors.ServerError) -> Mapping:
+def mapping_for(exc: errors.ServerError) -> ErrorMapping:
     for cls, mapping in ERROR_MAP:
         if isinstance(exc, cls):
             return mapping
-    return Mapping(500, SERVER)
+    return ErrorMapping(500, SERVER)
 
 
 def envelope(status: int, body: ErrorBody, headers: dict[str, str] | None = None) -> JSONResponse:
