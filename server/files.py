@@ -72,8 +72,9 @@ def write_atomic(directory: Path, filename: str, data: bytes) -> Path:
 
 def resolve_output(directory: Path, filename: str) -> Path | None:
     """The file ``filename`` inside ``directory``, or None for anything that could leave it
-    (separators, dot-dot, absolute paths, symlinks pointing out) or does not exist."""
-    if not SAFE_NAME.match(filename) or filename.startswith(".tmp-"):
+    (separators, dot-dot, absolute paths, symlinks pointing out) or does not exist. Only PNGs:
+    the job database (``jobs.sqlite3`` and its -wal/-shm) lives in the same directory."""
+    if not SAFE_NAME.match(filename) or filename.startswith(".tmp-") or not filename.endswith(".png"):
         return None
     root = directory.resolve()
     candidate = (root / filename).resolve()

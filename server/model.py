@@ -287,13 +287,18 @@ class DiffusersGenerator:
         """SDNQ's quantized matmul for quantized components (CUDA only; eager CPU gains nothing)."""
         if not (self.use_quantized_matmul and self._resolve_device().startswith("cuda")):
             return
-        for name, component in pipe.components.items():
-            if getattr(component, "quantization_config", None) is None:
+        try:
+            from sdnq import SDNQConfig
+            from sdnq.loader import apply_sdnq_options_to_model
+        except ImportError:
+            return
+        for name, component in list(pipe.components.items()):
+            if not isinstance(getattr(component, "quantization_config", None), SDNQConfig):
                 continue
             try:
-                from sdnq.loader import apply_sdnq_options_to_model
-
-                apply_sdnq_options_to_model(component, use_quantized_matmul=True)
+                updated = apply_sdnq_options_to_model(component, use_quantized_matmul=True)
+                if updated is not None and updated is not component:
+                    setattr(pipe, name, updated)
             except Exception:  # noqa: BLE001 - an optimization: fall back to dequantized matmul
                 logger.warning("SDNQ quantized matmul unavailable for %s", name, exc_info=True)
 

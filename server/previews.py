@@ -99,12 +99,15 @@ def fast_preview(pipe: Any, x0: "torch.Tensor", max_side: int) -> "Image":
 
 def vae_preview(pipe: Any, x0: "torch.Tensor", max_side: int) -> "Image":
     """The ``vae`` preview: decode x0 exactly as the pipeline decodes its final latents."""
+    import torch
+
     vae = pipe.vae
-    latents = x0[:1].to(vae.dtype) / vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None)
-    if shift is not None:  # Z-Image (FLUX VAE) shifts; CogView4 does not
-        latents = latents + shift
-    decoded = vae.decode(latents, return_dict=False)[0]
+    with torch.inference_mode():  # also safe when called outside the pipeline's no-grad context
+        latents = x0[:1].to(vae.dtype) / vae.config.scaling_factor
+        shift = getattr(vae.config, "shift_factor", None)
+        if shift is not None:  # Z-Image (FLUX VAE) shifts; CogView4 does not
+            latents = latents + shift
+        decoded = vae.decode(latents, return_dict=False)[0]
     image = pipe.image_processor.postprocess(decoded, output_type="pil")[0]
     return downscale(image.convert("RGB"), max_side)
 

@@ -1,7 +1,260 @@
-"""Placeholder: replaced by the adapter implementation."""
+"""The OpenAI-compatible adapter: ``POST /v1/images/generations`` and ``GET /v1/models[/{id}]``.
 
-from fastapi import FastAPI
+Thin: ``plan_request`` is the one place a wire request becomes a job spec; the engine does the work;
+``streaming`` formats the SSE events. Every request names its own interest (a uuid), so a client
+that goes away (streaming or not) withdraws only itself: the job is cancelled when nobody else,
+e.g. an identical request or a WebSocket client, still wants it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import anyio
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse
+
+from server import files
+from server.auth import require_owner
+from server.catalog import Catalog
+from server.config import Settings
+from server.engine import SHUTDOWN_REASON
+from server.errors import GenerationFailed, InvalidRequest, NotFound, OutOfMemory, ServerError, ShuttingDown
+from server.events import Subscriber
+from server.http_errors import install_error_handlers
+from server.jobs import JobRecord, JobStatus
+from server.schemas_openai import (ErrorEnvelope, ImageData, ImageGenerationRequest, ImagesResponse,
+                                   InputTokensDetails, ModelList, ModelObject, Usage)
+from server.spec import JobSpec, Limits, SpecInput, normalize
+from server.streaming import FinalImage, OpenAIDialect, StepDialect, StreamContext, job_events, ping_event
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1", tags=["openai"])
+CLIENT_CLOSED = 499  # nginx's "client closed request": logged only, nobody reads it
+SIZE_PARAMS = {"width": "size", "height": "size", "steps": "num_inference_steps"}
+ERRORS = {status: {"model": ErrorEnvelope} for status in (400, 401, 404, 429, 500, 503)}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated request: the job spec plus how to deliver its images."""
+
+    spec: JobSpec
+    size: str
+    quality: str
+    response_format: str
+    output_format: str
+    compression: int
+    stream: bool
+    partial_images: int | None
+
+
+def plan_request(body: ImageGenerationRequest, catalog: Catalog, settings: Settings) -> Plan:
+    """Map the wire request onto a ``JobSpec``; raises ``InvalidRequest`` naming the wire param."""
+    if body.background == "transparent":
+        raise InvalidRequest("Transparent backgrounds are not supported; use 'opaque' or 'auto'.", param="background")
+    profile = catalog.resolve(body.model)
+    width, height = parse_size(body.size)
+    given = SpecInput(prompt=body.prompt, model=profile.model_id, model_type=body.model_type,
+                      negative_prompt=body.negative_prompt, width=width, height=height, steps=body.num_inference_steps,
+                      guidance_scale=body.guidance_scale, seed=body.seed, n=1 if body.n is None else body.n,
+                      upscale=bool(body.upscale))
+    limits = Limits(max_prompt_chars=settings.max_prompt_chars, max_n=settings.max_n,
+                    preview_method=settings.preview_method, preview_percent=settings.preview_percent)
+    try:
+        spec = normalize(given, profile, limits)
+    except InvalidRequest as exc:  # the spec's names are not the wire's: report the wire's
+        if exc.param in SIZE_PARAMS:
+            raise InvalidRequest(exc.message, param=SIZE_PARAMS[exc.param]) from None
+        raise
+    response_format = body.response_format or "b64_json"
+    return Plan(spec=spec, size=f"{spec.width}x{spec.height}", quality=body.quality or "auto",
+                response_format=response_format,
+                output_format="png" if response_format == "url" else (body.output_format or "png"),
+                compression=100 if body.output_compression is None else body.output_compression,
+                stream=bool(body.stream), partial_images=body.partial_images)
+
+
+def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    """``"WxH"`` -> (W, H); ``None``/``"auto"`` -> the model's default (None, None)."""
+    if size is None or size == "auto":
+        return None, None
+    width, sep, height = size.lower().partition("x")
+    if not (sep and width.isdigit() and height.isdigit()):
+        raise InvalidRequest(f"size must be 'WIDTHxHEIGHT' (e.g. '512x512') or 'auto', not '{size[:40]}'", param="size")
+    return int(width), int(height)
+
+
+def usage_for(spec: JobSpec) -> Usage:
+    """Rough, stable accounting: prompt words in, one token per 16x16 patch of every image out."""
+    text = len(spec.prompt.split())
+    image = (spec.width // 16) * (spec.height // 16) * spec.n
+    return Usage(input_tokens=text, output_tokens=image, total_tokens=text + image,
+                 input_tokens_details=InputTokensDetails(text_tokens=text, image_tokens=0))
+
+
+def job_failure(record: JobRecord) -> ServerError:
+    """The domain error for a job that ended without images."""
+    reason = record.error or "generation failed"
+    if record.status is JobStatus.CANCELLED:
+        return GenerationFailed(f"The job was cancelled: {reason}", code="job_cancelled")
+    if reason == SHUTDOWN_REASON:
+        return ShuttingDown("The server shut down before the job finished; retry later.")
+    if reason.startswith("out of") and "memory" in reason:
+        return OutOfMemory(reason)
+    return GenerationFailed(reason)
+
+
+# -- routes ---------------------------------------------------------------------------------------
+
+
+@router.post("/images/generations", response_model=None, summary="Create images (OpenAI-compatible)",
+             responses={200: {"model": ImagesResponse, "content": {"text/event-stream": {}},
+                              "description": "JSON, or an SSE stream when 'stream' is true"}, **ERRORS})
+async def create_images(body: ImageGenerationRequest, request: Request,
+                        owner: str | None = Depends(require_owner)) -> Response:
+    state = request.app.state
+    plan = plan_request(body, state.catalog, state.settings)
+    interest = f"openai-{uuid.uuid4().hex}"
+    submission = await state.engine.submit(plan.spec, interest=interest, owner=owner)
+    job_id = submission.record.job_id
+    request.state.job_id = job_id  # for the error handlers' log lines
+    if plan.stream:
+        return stream_response(request, plan, submission.subscriber, interest, job_id)
+    try:
+        record = await _terminal_unless_gone(submission.subscriber, request)
+    finally:
+        await _withdraw(request, submission.subscriber, job_id, interest)
+    if record is None:
+        log.info("job %s: client went away before the images were ready", job_id[:12])
+        return Response(status_code=CLIENT_CLOSED)
+    if record.status is not JobStatus.COMPLETED:
+        raise job_failure(record)
+    return JSONResponse((await images_response(request, plan, record)).model_dump(exclude_none=True))
+
+
+@router.get("/models", response_model=ModelList, responses=ERRORS)
+async def list_models(request: Request, owner: str | None = Depends(require_owner)) -> ModelList:
+    catalog: Catalog = request.app.state.catalog
+    return ModelList(data=[_model_object(catalog, p.model_id, p.model_id, p.is_demo) for p in catalog.profiles()])
+
+
+# ``:path``: SDK 2+/3 percent-encode a '/' in the id, 1.x sends it raw; both must reach this route.
+@router.get("/models/{model_id:path}", response_model=ModelObject, response_model_exclude_none=True, responses=ERRORS)
+async def retrieve_model(model_id: str, request: Request, owner: str | None = Depends(require_owner)) -> ModelObject:
+    catalog: Catalog = request.app.state.catalog
+    if not model_id:
+        raise NotFound("a model id is required", param="model")
+    profile = catalog.resolve(model_id)
+    return _model_object(catalog, model_id, profile.model_id, profile.is_demo)
+
+
+def _model_object(catalog: Catalog, model_id: str, root: str, is_demo: bool) -> ModelObject:
+    owner = "t2i-server (random-weight demo)" if is_demo else "t2i-server"
+    return ModelObject(id=model_id, created=catalog.created, owned_by=owner, root=root if root != model_id else None)
+
+
+# -- delivery -------------------------------------------------------------------------------------
+
+
+def stream_response(request: Request, plan: Plan, subscriber: Subscriber, interest: str, job_id: str) -> Response:
+    state = request.app.state
+    ctx = StreamContext(job_id=job_id, spec=plan.spec, size=plan.size, quality=plan.quality,
+                        output_format=plan.output_format, compression=plan.compression,
+                        usage=usage_for(plan.spec), created_at=int(time.time()))
+    dialect = StepDialect(ctx) if plan.partial_images is None else OpenAIDialect(ctx, plan.partial_images)
+
+    async def load(record: JobRecord) -> list[FinalImage]:
+        return await final_images(state.settings, record, plan.output_format, plan.compression)
+
+    async def events():
+        try:
+            async for item in job_events(subscriber, dialect, load, job_failure):
+                yield item
+        finally:  # normal end, error, or the client went away (cancellation lands here)
+            await _withdraw(request, subscriber, job_id, interest)
+
+    return EventSourceResponse(events(), ping=state.settings.sse_ping_s, ping_message_factory=ping_event,
+                               headers={"Cache-Control": "no-cache"}, sep="\n")
+
+
+async def images_response(request: Request, plan: Plan, record: JobRecord) -> ImagesResponse:
+    settings: Settings = request.app.state.settings
+    result = record.result
+    if plan.response_format == "url":
+        base = (settings.public_url or str(request.base_url)).rstrip("/") + "/api/image/"
+        data = [ImageData(url=base + img.filename, seed=seed,
+                          upscaled_url=base + img.upscaled_filename if img.upscaled_filename else None)
+                for img, seed in zip(result.images, result.seeds)]
+    else:
+        finals = await final_images(settings, record, plan.output_format, plan.compression)
+        data = [ImageData(b64_json=f.b64, upscaled_b64_json=f.upscaled_b64, seed=f.seed) for f in finals]
+    return ImagesResponse(created=int(record.updated_at), data=data, size=plan.size, output_format=plan.output_format,
+                          quality=plan.quality, usage=usage_for(plan.spec), job_id=record.job_id,
+                          upscale_error=result.upscale_error)
+
+
+async def final_images(settings: Settings, record: JobRecord, fmt: str, compression: int) -> list[FinalImage]:
+    """The job's images (and upscaled images) as base64 in ``fmt``; file work runs off the loop."""
+
+    def load() -> list[FinalImage]:
+        out = []
+        for index, (img, seed) in enumerate(zip(record.result.images, record.result.seeds)):
+            upscaled = _read_b64(settings, img.upscaled_filename, fmt, compression) if img.upscaled_filename else None
+            out.append(FinalImage(index, _read_b64(settings, img.filename, fmt, compression), seed, upscaled))
+        return out
+
+    return await asyncio.to_thread(load)
+
+
+def _read_b64(settings: Settings, filename: str, fmt: str, compression: int) -> str:
+    path = files.resolve_output(settings.output_dir, filename)
+    if path is None:
+        raise NotFound("The job's image file is no longer available; generate it again with another seed.")
+    return files.to_b64(files.read_as(path, fmt, compression))
+
+
+async def _terminal_unless_gone(subscriber: Subscriber, request: Request) -> JobRecord | None:
+    """The job's terminal record, or None when the client disconnected first."""
+
+    async def terminal() -> JobRecord:
+        async for event in subscriber:
+            if event.is_terminal:
+                return event.record
+        raise RuntimeError("subscriber ended")  # unreachable: a subscriber never ends by itself
+
+    async def gone() -> None:
+        # The body is already read, so the next ASGI message can only be the disconnect.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    done_task, gone_task = asyncio.ensure_future(terminal()), asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({done_task, gone_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        done_task.cancel()
+        gone_task.cancel()
+    return done_task.result() if done_task.done() and not done_task.cancelled() else None
+
+
+async def _withdraw(request: Request, subscriber: Subscriber, job_id: str, interest: str) -> None:
+    """Withdraw this request's interest (a no-op for a finished job), then unsubscribe.
+
+    Shielded: it runs while a disconnected stream is being cancelled. Release comes before
+    unsubscribing, so once a stream's subscriber is gone its interest is gone too.
+    """
+    try:
+        with anyio.CancelScope(shield=True):
+            await request.app.state.engine.release(job_id, interest)
+    finally:
+        subscriber.close()
 
 
 def install(app: FastAPI) -> None:
-    pass
+    install_error_handlers(app)
+    app.include_router(router)

@@ -31,7 +31,8 @@ class ImageGenerationRequest(BaseModel):
       quality share one job and its cache entry.
     - ``background``: only opaque images exist here; ``transparent`` is a 400.
     - ``stream`` + ``partial_images`` choose the stream dialect: with ``partial_images`` (even 0)
-      the OpenAI events, without it the step events (one per preview, then ``[DONE]``).
+      the OpenAI events, without it the step events (one per preview, then ``[DONE]``). Stream
+      events always carry base64 images; ``response_format`` applies to the JSON response only.
     - ``upscale``: each ``data`` entry also carries the x4 image as ``upscaled_b64_json`` or
       ``upscaled_url`` (``data`` stays one entry per image); if upscaling failed the image is still
       returned and ``upscale_error`` says why.

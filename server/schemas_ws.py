@@ -15,9 +15,10 @@ absent, while a field set to None (``upscaled_filename`` after a failed upscale)
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic_core import PydanticUndefined
 
 from server.events import PreviewImage
 from server.jobs import JobRecord, JobStatus, Progress
@@ -29,6 +30,15 @@ PROTOCOL_SEED = 42  # the protocol's documented default seed: repeated requests 
 
 class _Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    def model_post_init(self, context: Any) -> None:
+        # Constant fields (``type``, ``stage``...) count as set, so ``dump`` always sends them.
+        self.__pydantic_fields_set__.update(_constant_fields(type(self)))
+
+
+def _constant_fields(model: type[BaseModel]) -> tuple[str, ...]:
+    return tuple(name for name, info in model.model_fields.items()
+                 if get_origin(info.annotation) is Literal and info.default is not PydanticUndefined)
 
 
 # -- client messages ----------------------------------------------------------------------------

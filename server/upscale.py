@@ -215,8 +215,9 @@ class RealESRGANUpscaler:
         import torch
 
         x = x.to(device=self._device, dtype=self._dtype)
-        if self._device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        # the host image is an HWC view; CPU convs are far slower on that layout than on NCHW
+        layout = torch.channels_last if self._device.type == "cuda" else torch.contiguous_format
+        x = x.contiguous(memory_format=layout)
         return self._descriptor(x).float().cpu()
 
     # -- introspection ---------------------------------------------------------------------

@@ -14,9 +14,10 @@ has a session of its own; when it closes, its interest in unfinished jobs is rel
 nobody else wants is cancelled.
 
 Sending: each connection has one sender task and an outbox. Status messages and replies are never
-dropped; progress and preview messages are coalesced per job (an unsent one is replaced by the
-newer one, in place, so order relative to status messages is kept). A connection whose outbox of
-never-dropped messages exceeds ``MAX_OUTBOX`` is closed with ``CLOSE_TOO_SLOW``.
+dropped; progress and preview messages are coalesced per job: once ``BACKLOG[kind]`` of them wait
+unsent (a burst, or a client that reads slowly), the newest waiting one is overwritten in place, so
+the client gets the latest data and the order relative to status messages is kept. A connection
+whose outbox exceeds ``MAX_OUTBOX`` is closed with ``CLOSE_TOO_SLOW``.
 
 Close codes sent by the server:
     1000 CLOSE_NORMAL        normal closure
@@ -53,7 +54,8 @@ CLOSE_UNAUTHORIZED = 4401
 CLOSE_TOO_SLOW = 4408
 CLOSE_TOO_MANY = 4429
 
-MAX_OUTBOX = 512  # never-dropped messages waiting for one connection
+MAX_OUTBOX = 512  # messages waiting for one connection
+BACKLOG = {"progress": 8, "preview": 2}  # unsent ones per job before coalescing (previews are big)
 MAX_CONNECTIONS_PER_CLIENT = 16
 SESSION_TTL_S = 600.0
 
@@ -79,6 +81,7 @@ class _Slot:
     payload: dict[str, Any]
     job_id: str | None = None
     key: StatusKey | None = None  # set on status messages: reported as delivered once sent
+    group: tuple[str, str] | None = None  # (kind, job_id) of a coalescable message
 
 
 class Connection:
@@ -90,7 +93,7 @@ class Connection:
         self.state = ConnState.CONNECTING
         self.on_sent: Callable[[str, StatusKey], None] | None = None
         self._outbox: deque[_Slot] = deque()
-        self._coalescing: dict[tuple[str, str], _Slot] = {}  # (kind, job_id) -> its unsent slot
+        self._coalescing: dict[tuple[str, str], deque[_Slot]] = {}  # (kind, job_id) -> unsent slots
         self._seen: dict[str, StatusKey] = {}  # job_id -> newest status enqueued
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -123,17 +126,18 @@ class Connection:
         return self._append(_Slot(payload, record.job_id, key))
 
     def push_coalesced(self, kind: str, job_id: str, payload: dict[str, Any]) -> None:
-        """Progress or preview: replaces this job's unsent one of the same kind, in place."""
+        """Progress or preview: queued, or, with ``BACKLOG[kind]`` of them unsent since the job's
+        last status, written over the newest unsent one."""
         if self.state is not ConnState.OPEN:
             return
-        slot = self._coalescing.get((kind, job_id))
-        if slot is not None:
-            slot.payload = payload
+        group = (kind, job_id)
+        waiting = self._coalescing.setdefault(group, deque())
+        if len(waiting) >= BACKLOG[kind]:
+            waiting[-1].payload = payload
             return
-        slot = _Slot(payload)
-        self._coalescing[(kind, job_id)] = slot
-        self._outbox.append(slot)
-        self._wake.set()
+        slot = _Slot(payload, group=group)
+        waiting.append(slot)
+        self._append(slot)
 
     def forget(self, job_id: str) -> None:
         self._seen.pop(job_id, None)
@@ -168,9 +172,11 @@ class Connection:
 
     async def _send_next(self) -> None:
         slot = self._outbox.popleft()
-        for name, pending in list(self._coalescing.items()):
-            if pending is slot:
-                del self._coalescing[name]
+        waiting = self._coalescing.get(slot.group) if slot.group else None
+        if waiting and waiting[0] is slot:
+            waiting.popleft()
+            if not waiting:
+                del self._coalescing[slot.group]
         await self.websocket.send_text(json.dumps(slot.payload, separators=(",", ":")))
         if slot.key is not None and self.on_sent is not None:
             self.on_sent(slot.job_id, slot.key)
@@ -211,6 +217,7 @@ class Session:
     subscriptions: dict[str, Subscription] = field(default_factory=dict)
     delivered: dict[str, StatusKey] = field(default_factory=dict)  # job_id -> newest status sent
     expiry: asyncio.TimerHandle | None = None
+    on_idle: Callable[["Session"], None] | None = None  # the registry's expiry check
 
     # -- connections --------------------------------------------------------------------------
 
@@ -311,8 +318,6 @@ class Session:
             self.delivered.pop(sub.job_id, None)
 
     # -- lifetime -----------------------------------------------------------------------------
-
-    on_idle: Callable[["Session"], None] | None = None
 
     def _on_change(self) -> None:
         if self.on_idle is not None and not self.connections:

@@ -49,7 +49,8 @@ def ncnn_reference(rgb: np.ndarray) -> np.ndarray:
     net.load_param(str(param))
     net.load_model(str(bin_))
     extractor = net.create_extractor()
-    extractor.input("data", ncnn.Mat(np.ascontiguousarray(rgb.transpose(2, 0, 1))))
+    planar = np.ascontiguousarray(rgb.transpose(2, 0, 1))  # must outlive the Mat: it is a view
+    extractor.input("data", ncnn.Mat(planar))
     ret, out = extractor.extract("output")
     assert ret == 0
     return np.array(out).transpose(1, 2, 0)
@@ -165,7 +166,7 @@ def test_matches_ncnn_reference(upscaler, crop48, ours48, ref48):
     print(f"ncnn vs ours (clamped): max |diff| = {diff:.2e}")
     assert diff < 1e-3
     with torch.inference_mode():  # raw network output too, before any clamping
-        raw = upscaler._descriptor.model(torch.from_numpy(crop48).permute(2, 0, 1)[None])
+        raw = upscaler._descriptor.model(torch.from_numpy(crop48.transpose(2, 0, 1).copy())[None])
     raw_diff = np.abs(raw[0].permute(1, 2, 0).numpy() - ref48).max()
     print(f"ncnn vs ours (raw): max |diff| = {raw_diff:.2e}")
     assert raw_diff < 1e-3
@@ -213,14 +214,18 @@ def test_tiled_blend_is_exact_for_a_local_operator(upscaler, monkeypatch):
 
 
 def test_tiled_agrees_with_untiled(upscaler, cache_dir):
-    """The real network sees ~100+ px of context, so 32 px tiles cannot match exactly; the
-    feathered blend keeps the difference small, and smaller than hard-cut tiles."""
+    """The network's receptive field spans ~100+ px, so 32 px tiles cannot reproduce the untiled
+    output exactly (the blend math itself is checked exactly above). The feathered blend keeps
+    the difference small and clearly below that of hard-cut tiles (overlap 0)."""
     rgb = synthetic_rgb(64, 64)
     whole = upscaler.run_model(rgb)
-    blended = RealESRGANUpscaler(cache_dir, device="cpu", tile=32, tile_overlap=8).run_model(rgb)
-    diff = np.abs(blended - whole)
-    print(f"tiled(32/8) vs untiled 64x64: max {diff.max():.3f} mean {diff.mean():.4f}")
-    assert diff.mean() < 0.01 and diff.max() < 0.25
+    blended = np.abs(RealESRGANUpscaler(cache_dir, device="cpu", tile=32, tile_overlap=8).run_model(rgb) - whole)
+    hard = np.abs(RealESRGANUpscaler(cache_dir, device="cpu", tile=32, tile_overlap=0).run_model(rgb) - whole)
+    for label, diff in (("32/8 feathered", blended), ("32/0 hard-cut", hard)):
+        print(f"tiled {label} vs untiled 64x64: max {diff.max():.3f} p99.9 "
+              f"{np.quantile(diff, 0.999):.3f} mean {diff.mean():.4f}")
+    assert blended.mean() < 0.01 and np.quantile(blended, 0.999) < 0.15 and blended.max() < 0.4
+    assert blended.mean() < hard.mean() and blended.max() < hard.max()
 
 
 def test_oom_halves_tile_then_raises(upscaler, monkeypatch):
