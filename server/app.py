@@ -18,6 +18,7 @@ from server.catalog import Catalog, resolve_default_model
 from server.config import Settings
 from server.engine import EngineConfig, JobEngine
 from server.generation import Generator, Upscaler
+from server.metrics import Metrics
 from server.store import SQLiteJobStore
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ def create_app(settings: Settings, generator: Generator | None = None, upscaler=
         config = EngineConfig(output_dir=settings.output_dir, max_in_flight=settings.max_in_flight,
                               max_queue=settings.max_queue, max_queue_per_client=settings.max_queue_per_client,
                               preview_max_side=settings.preview_max_side, png_compress_level=settings.png_compress_level)
-        engine = JobEngine(config, gen, up, store)
+        engine = JobEngine(config, gen, up, store, metrics=app.state.metrics)
+        app.state.metrics.bind(engine)
         await engine.start()
         app.state.engine, app.state.generator = engine, gen
         if get_demo(catalog):
@@ -79,6 +81,7 @@ def create_app(settings: Settings, generator: Generator | None = None, upscaler=
 
     app = FastAPI(title="t2i-server", version=__version__, lifespan=lifespan)
     app.state.settings, app.state.catalog = settings, catalog
+    app.state.metrics = Metrics()
     _add_cors(app, settings)
     _add_routes(app)
     return app

@@ -78,8 +78,10 @@ def scoped_job_id(spec: JobSpec, owner: str | None) -> str:
 
 
 class JobEngine:
-    def __init__(self, config: EngineConfig, generator: Generator, upscaler: Upscaler | None, store: JobStore):
+    def __init__(self, config: EngineConfig, generator: Generator, upscaler: Upscaler | None, store: JobStore,
+                 metrics=None):
         self.config = config
+        self.metrics = metrics  # server.metrics.Metrics, optional
         self.store = store
         self.hub = EventHub()
         self._active: dict[str, ActiveJob] = {}
@@ -305,6 +307,8 @@ class JobEngine:
         self._active.pop(active.job_id, None)
         record = await self._move(active, status, **changes)
         active.status_history.clear()
+        if self.metrics is not None:
+            self.metrics.jobs_finished.labels(status.value).inc()
         self._remember(record)
         self._idle.set()
         log.info("job %s: %s%s", active.job_id[:12], status.value, f" ({record.error})" if record.error else "")

@@ -123,6 +123,11 @@ class JobRunner:
     def _publish_steps(self, active: "ActiveJob", events: list[JobEvent]) -> None:
         if active.record.status is not JobStatus.PROCESSING:
             return  # late step events of a job that already moved on
+        metrics = self._engine.metrics
+        if metrics is not None:
+            metrics.preview_latency.observe(max(0.0, time.time() - events[0].timestamp))
+            step = events[0].progress
+            metrics.step_seconds.observe(step.seconds_per_step)
         for event in events:
             if event.kind is EventKind.PREVIEW:
                 active.latest_preview = event

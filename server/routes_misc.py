@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from server import __version__
 from server.errors import NotFound
@@ -52,6 +53,7 @@ async def info(request: Request) -> dict:
             "image": "GET /api/image/{filename}",
             "health": "GET /health",
             "web_client": "GET /ui",
+            "metrics": "GET /metrics",
             "docs": "GET /docs",
         },
     }
@@ -63,6 +65,11 @@ async def image(filename: str, request: Request):
     if path is None:
         raise NotFound("image not found", param="filename")
     return FileResponse(path, media_type="image/png", headers={"Cache-Control": IMMUTABLE})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/ui", response_class=HTMLResponse)

@@ -256,6 +256,7 @@ class Session:
         sub = self.subscriptions.pop(job_id, None)
         if sub is not None:
             self._drop(sub)
+        self.delivered.pop(job_id, None)
         for conn in self.connections:
             conn.forget(job_id)
 

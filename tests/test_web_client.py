@@ -54,7 +54,7 @@ def browser():
 
 
 @pytest.fixture
-def page(browser, request):
+def page(browser, request, fake_server):  # after fake_server: the screenshot shows a live connection
     context = browser.new_context(viewport={"width": 1280, "height": 1000})
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)

@@ -1,0 +1,47 @@
+"""Prometheus metrics, one registry per app (never the process-global default registry, so two
+apps in one process - as in tests - do not collide)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.jobs_finished = Counter("t2i_jobs_finished", "Jobs that reached a terminal state", ["status"], registry=self.registry)
+        self.step_seconds = Histogram("t2i_step_seconds", "Mean time per denoising step of the job so far, observed at each step", buckets=STEP_BUCKETS, registry=self.registry)
+        self.preview_latency = Histogram("t2i_preview_latency_seconds", "Step callback to event published on the loop",
+                                         buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.sse_streams = Gauge("t2i_active_sse_streams", "Open SSE streams", registry=self.registry)
+        self.ws_connections = Gauge("t2i_websocket_connections", "Open WebSocket connections", registry=self.registry)
+        self._engine = None
+        self.registry.register(_EngineCollector(self))
+
+    def bind(self, engine) -> None:
+        self._engine = engine
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _EngineCollector:
+    """Queue depth and jobs by state, read from the engine at scrape time."""
+
+    def __init__(self, metrics: Metrics):
+        self._metrics = metrics
+
+    def collect(self):
+        engine = self._metrics._engine
+        counts = engine.counts() if engine is not None else {}
+        depth = GaugeMetricFamily("t2i_queue_depth", "Jobs waiting for the GPU")
+        depth.add_metric([], counts.get("pending", 0))
+        jobs = GaugeMetricFamily("t2i_jobs", "Unfinished jobs by state", labels=["status"])
+        for status in ("pending", "processing", "generated"):
+            jobs.add_metric([status], counts.get(status, 0))
+        yield depth
+        yield jobs
