@@ -55,6 +55,9 @@ def serve(settings: Settings, app) -> int:
                 await app.state.engine.stop(settings.shutdown_grace_s)
             finally:
                 super().handle_exit(sig, frame)
+                # uvicorn re-raises captured signals once serving ends, so the process would die
+                # by SIGTERM; a drained shutdown is an orderly one and exits 0.
+                self._captured_signals.clear()
 
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             ws_max_size=settings.ws_max_frame_bytes, timeout_graceful_shutdown=5)

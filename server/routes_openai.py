@@ -104,7 +104,7 @@ def job_failure(record: JobRecord) -> ServerError:
     if record.status is JobStatus.CANCELLED:
         return GenerationFailed(f"The job was cancelled: {reason}", code="job_cancelled")
     if reason == SHUTDOWN_REASON:
-        return ShuttingDown("The server shut down before the job finished; retry later.")
+        return ShuttingDown(reason)
     if reason.startswith("out of") and "memory" in reason:
         return OutOfMemory(reason)
     return GenerationFailed(reason)

@@ -72,3 +72,35 @@ def test_measuring_tool_exits_2_when_server_unreachable(tmp_path):
 
     proc = run_tool("test_streaming.py", "--url", f"http://127.0.0.1:{free_port()}", "--no-warmup", timeout=60)
     assert proc.returncode == 2 and "error" in proc.stderr
+
+
+def stub_checkout(tmp_path: Path) -> Path:
+    """A copy of start_server.sh beside stub install script and python that record their calls."""
+    root = tmp_path / "checkout"
+    (root / "scripts").mkdir(parents=True)
+    (root / ".venv" / "bin").mkdir(parents=True)
+    (root / "start_server.sh").write_bytes((REPO / "start_server.sh").read_bytes())
+    (root / "scripts" / "install.sh").write_text('#!/usr/bin/env bash\necho install-ran >> "$(dirname "$0")/../calls"\n')
+    (root / ".venv" / "bin" / "python").write_text(
+        '#!/usr/bin/env bash\necho "python $* T2I_MODEL=${T2I_MODEL:-}" >> "$(dirname "$0")/../../calls"\n')
+    for script in ("start_server.sh", "scripts/install.sh", ".venv/bin/python"):
+        (root / script).chmod(0o755)
+    return root
+
+
+def test_start_server_installs_then_execs_the_server_with_flags(tmp_path):
+    import os
+
+    root = stub_checkout(tmp_path)
+    env = {**os.environ, "T2I_PORT": "9100", "T2I_MODEL": "tiny-z-image"}
+    env.pop("T2I_HOST", None)
+    proc = subprocess.run(["bash", str(root / "start_server.sh"), "--host", "0.0.0.0"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert "open http://127.0.0.1:9100/ui" in proc.stdout
+    calls = (root / "calls").read_text().splitlines()
+    assert calls == ["install-ran", "python -m server --host 0.0.0.0 T2I_MODEL=tiny-z-image"]
+
+    proc = subprocess.run(["bash", str(root / "start_server.sh"), "--port=8123"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert "open http://127.0.0.1:8123/ui" in proc.stdout

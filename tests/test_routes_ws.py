@@ -13,6 +13,7 @@ import http.client
 import json
 import re
 import threading
+from collections import deque
 
 import pytest
 from websockets.asyncio.client import connect
@@ -44,6 +45,7 @@ class Client:
     def __init__(self, ws):
         self.ws = ws
         self._ids = 0
+        self.backlog: deque[dict] = deque()  # pushes read while waiting for a reply
 
     async def send(self, **message) -> None:
         await self.ws.send(json.dumps(message))
@@ -51,14 +53,18 @@ class Client:
     async def recv(self, timeout: float = TIMEOUT) -> dict:
         return json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
 
-    async def request(self, **message) -> dict:
-        """Send with a fresh request_id; the next message must be its reply."""
+    async def request(self, strict: bool = False, **message) -> dict:
+        """Send with a fresh request_id and return its reply; pushes that arrive first are kept
+        for ``until_status``, or, with ``strict``, fail the test."""
         self._ids += 1
         message.setdefault("request_id", f"q{self._ids}")
         await self.send(**message)
-        reply = await self.recv()
-        assert reply.get("request_id") == message["request_id"], reply
-        return reply
+        while True:
+            reply = await self.recv()
+            if reply.get("request_id") == message["request_id"]:
+                return reply
+            assert not strict, f"unexpected message before the reply: {reply}"
+            self.backlog.append(reply)
 
     async def create(self, prompt: str, **params) -> dict:
         return await self.request(type="create_job", params={"prompt": prompt, **SMALL, **params})
@@ -67,7 +73,7 @@ class Client:
         """Messages up to and including the job's first status in ``statuses``."""
         seen = []
         while True:
-            message = await self.recv()
+            message = self.backlog.popleft() if self.backlog else await self.recv()
             seen.append(message)
             if message.get("job_id") == job_id and message.get("type") == "job_status" \
                     and message["status"] in statuses:
@@ -146,7 +152,7 @@ def test_create_job_pushes_the_documented_sequence(fake_server):
                                "request_id": "q1", "queue_position": 0}
             messages = await c.until_status(job_id, "completed", "failed")
             # Nothing else follows: the next message is the reply to this request.
-            after = await c.request(type="get_status", job_id=job_id)
+            after = await c.request(strict=True, type="get_status", job_id=job_id)
             return job_id, messages, after
 
     job_id, messages, after = run(body())
@@ -205,7 +211,7 @@ def test_duplicate_create_job_joins_the_existing_job(fake_server):
             again = await c.create("same thing", seed=3)
             messages = await c.until_status(first["job_id"], "completed")
             done = await c.create("same thing", seed=3)
-            extra = await c.request(type="get_status", job_id=first["job_id"])
+            extra = await c.request(strict=True, type="get_status", job_id=first["job_id"])
             return first, again, messages, done, extra
 
     first, again, messages, done, extra = run(body())
@@ -270,7 +276,7 @@ def test_cancel_of_a_shared_job_only_withdraws_this_clients_interest(gated_serve
             withdrawn = await alice.request(type="cancel_job", job_id=mine["job_id"])
             gated_server.gate.set()
             bob_saw = await bob.until_status(mine["job_id"], "completed", "cancelled")
-            alice_next = await alice.request(type="get_status", job_id=mine["job_id"])
+            alice_next = await alice.request(strict=True, type="get_status", job_id=mine["job_id"])
             return withdrawn, bob_saw, alice_next
 
     withdrawn, bob_saw, alice_next = run(body())
@@ -302,6 +308,9 @@ def test_anonymous_disconnect_releases_its_jobs(gated_server):
 
     job_id, no_id = run(body())
     assert no_id["type"] == "error" and no_id["code"] == "client_id_required"
+    # The server notices the disconnect asynchronously: wait for the engine's cancel signal (a
+    # threading.Event) before letting the held job run on.
+    assert gated_server.engine._active[job_id].cancel_flag.wait(TIMEOUT)
     gated_server.gate.set()
     assert wait_terminal(gated_server, job_id) == "cancelled"
 
@@ -324,7 +333,7 @@ def test_reconnect_replays_statuses_and_lists_client_jobs(gated_server):
             replay = await c.recv()
             jobs = await c.request(type="get_client_jobs")
         async with client(gated_server, "wanderer") as c:  # already delivered: not replayed again
-            status = await c.request(type="get_status", job_id=job_id)
+            status = await c.request(strict=True, type="get_status", job_id=job_id)
         return replay, jobs, status
 
     job_id = run(first_visit())

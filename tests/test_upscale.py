@@ -213,18 +213,19 @@ def test_tiled_blend_is_exact_for_a_local_operator(upscaler, monkeypatch):
     assert np.abs(tiled.run_model(rgb) - whole).max() < 1e-6
 
 
-def test_tiled_agrees_with_untiled(upscaler, cache_dir):
-    """The network's receptive field spans ~100+ px, so 32 px tiles cannot reproduce the untiled
+def test_tiled_agrees_with_untiled(cache_dir, crop48, ours48):
+    """The network's receptive field spans ~100+ px, so 24 px tiles cannot reproduce the untiled
     output exactly (the blend math itself is checked exactly above). The feathered blend keeps
     the difference small and clearly below that of hard-cut tiles (overlap 0)."""
-    rgb = synthetic_rgb(64, 64)
-    whole = upscaler.run_model(rgb)
-    blended = np.abs(RealESRGANUpscaler(cache_dir, device="cpu", tile=32, tile_overlap=8).run_model(rgb) - whole)
-    hard = np.abs(RealESRGANUpscaler(cache_dir, device="cpu", tile=32, tile_overlap=0).run_model(rgb) - whole)
-    for label, diff in (("32/8 feathered", blended), ("32/0 hard-cut", hard)):
-        print(f"tiled {label} vs untiled 64x64: max {diff.max():.3f} p99.9 "
+    def tiled_diff(overlap: int) -> np.ndarray:
+        up = RealESRGANUpscaler(cache_dir, device="cpu", tile=24, tile_overlap=overlap)
+        return np.abs(up.run_model(crop48) - ours48)
+
+    blended, hard = tiled_diff(4), tiled_diff(0)
+    for label, diff in (("24/4 feathered", blended), ("24/0 hard-cut", hard)):
+        print(f"tiled {label} vs untiled 48x48: max {diff.max():.3f} p99.9 "
               f"{np.quantile(diff, 0.999):.3f} mean {diff.mean():.4f}")
-    assert blended.mean() < 0.01 and np.quantile(blended, 0.999) < 0.15 and blended.max() < 0.4
+    assert blended.mean() < 0.015 and np.quantile(blended, 0.999) < 0.2 and blended.max() < 0.45
     assert blended.mean() < hard.mean() and blended.max() < hard.max()
 
 
@@ -263,11 +264,12 @@ def test_rgba_keeps_alpha_and_size(upscaler):
     assert np.array_equal(np.asarray(out.getchannel("A")), np.asarray(expected))
 
 
-def test_rgb_and_grey_give_rgb_4x(upscaler, ours48, crop48):
-    out = upscaler.upscale(Image.fromarray((crop48 * 255).round().astype(np.uint8)))
-    assert out.mode == "RGB" and out.size == (192, 192)
-    # 8-bit quantisation of input and output only: within a few levels of the float run
-    assert np.abs(np.asarray(out, dtype=np.float32) / 255 - ours48).mean() < 0.01
+def test_rgb_and_grey_give_rgb_4x(upscaler):
+    rgb = synthetic_rgb(12, 10)
+    out = upscaler.upscale(Image.fromarray((rgb * 255).round().astype(np.uint8)))
+    assert out.mode == "RGB" and out.size == (40, 48)
+    # same as the float path up to 8-bit quantisation of input and output
+    assert np.abs(np.asarray(out, dtype=np.float32) / 255 - upscaler.run_model(rgb)).mean() < 0.01
     assert upscaler.upscale(Image.new("L", (5, 3), 128)).mode == "RGB"
 
 

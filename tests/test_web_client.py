@@ -7,6 +7,7 @@ order relative to the final image. Screenshots go to ``test-artifacts/`` (gitign
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 
@@ -121,6 +122,7 @@ def test_websocket_job_with_upscale_completes_and_survives_reload(page, fake_ser
     sizes = page.evaluate("[document.querySelector('#job-original-img').naturalWidth,"
                           " document.querySelector('#upscaled-img').naturalWidth]")
     assert sizes == [64, 256]
+    assert page.get_attribute("#jobs-list .job .job-preview", "src").startswith("data:image/png;base64,")
 
     page.reload()  # the client id lives in localStorage: "my jobs" come back after a reload
     page.wait_for_selector("#jobs-list .job .status-completed")
@@ -170,3 +172,24 @@ def test_page_opened_from_disk_talks_to_the_server_url_field(page, fake_server):
     assert page.evaluate("document.querySelector('#final-img').naturalWidth") == 64
     page.wait_for_function("document.querySelector('#ws-state').textContent === 'connected'")
     assert page.is_hidden("#error")
+
+
+def test_websocket_reconnects_with_the_same_client_id(page, fake_server):
+    attempts = []
+
+    def route(ws) -> None:
+        attempts.append(ws.url)
+        if len(attempts) == 1:
+            ws.close()  # the first connection drops at once: the page must retry
+        else:
+            ws.connect_to_server()
+
+    page.route_web_socket(re.compile(r".*/api/ws\?.*"), route)
+    open_ui(page, fake_server)
+    page.wait_for_function("document.querySelector('#ws-state').textContent.startsWith('disconnected; retrying')")
+    page.wait_for_function("document.querySelector('#ws-state').textContent === 'connected'")
+    client_id = page.text_content("#client-id")
+    assert len(attempts) == 2 and all(url.endswith("client_id=" + client_id) for url in attempts)
+    fill_form(page, prompt="after reconnect", width=64, height=64, steps=2, seed=5)
+    page.click("#ws-create")
+    page.wait_for_selector("#jobs-list .job .status-completed")
