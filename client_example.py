@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 import httpx
+from websockets.exceptions import WebSocketException
 
 # Friendly names accepted by generate_image/create_job besides the wire names.
 HTTP_ALIASES = {"steps": "num_inference_steps", "guidance": "guidance_scale", "variant": "model_type"}
@@ -153,7 +154,7 @@ def _json_or_text(response: httpx.Response) -> Any:
         return response.text
 
 
-async def websocket_job_example(base_url: str, prompt: str, *, client_id: str | None = None,
+async def websocket_job_example(base_url: str, prompt: str, *, client_id: str | None = None, api_key: str | None = None,
                                 on_message: Callable[[dict], None] = lambda m: None,
                                 timeout: float = 600.0, **params) -> dict:
     """Create a job over ``WS /api/ws`` and follow it; return the final ``job_status`` message.
@@ -168,7 +169,8 @@ async def websocket_job_example(base_url: str, prompt: str, *, client_id: str | 
     job_params = {HTTP_ALIASES.get(k, k): v for k, v in params.items() if v is not None}
     job_params["steps"] = job_params.pop("num_inference_steps", job_params.get("steps"))
     job_params = {"prompt": prompt, "preview": True, **{k: v for k, v in job_params.items() if v is not None}}
-    async with connect(f"{ws_url}/api/ws?client_id={client_id}", max_size=2**24) as ws:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    async with connect(f"{ws_url}/api/ws?client_id={client_id}", max_size=2**24, additional_headers=headers) as ws:
         await ws.send(json.dumps({"type": "create_job", "task_type": "text_to_image",
                                   "request_id": request_id, "params": job_params}))
         job_id = None
@@ -249,7 +251,7 @@ async def run_ws(args: argparse.Namespace, params: dict, out: Path) -> int:
         else:
             print(f"{kind:<8} {t}", flush=True)
 
-    final = await websocket_job_example(args.url, args.prompt, on_message=show, **params)
+    final = await websocket_job_example(args.url, args.prompt, api_key=args.api_key, on_message=show, **params)
     result = final.get("result") or {}
     images = result.get("images") or [result]
     async with T2IClient(args.url, args.api_key) as client:
@@ -277,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     except T2IError as exc:
         print(f"error: {exc.message}" + (f" (status {exc.status})" if exc.status else ""), file=sys.stderr)
         return 1
-    except (httpx.HTTPError, OSError) as exc:
+    except (httpx.HTTPError, OSError, WebSocketException) as exc:
         print(f"error: cannot talk to {args.url}: {exc}", file=sys.stderr)
         return 1
 

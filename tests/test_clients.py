@@ -104,3 +104,21 @@ def test_start_server_installs_then_execs_the_server_with_flags(tmp_path):
     proc = subprocess.run(["bash", str(root / "start_server.sh"), "--port=8123"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=30)
     assert "open http://127.0.0.1:8123/ui" in proc.stdout
+
+
+def test_client_example_sends_the_api_key(tmp_path):
+    from server.app import create_app
+    from server.fake_generator import FakeGenerator, FakeUpscaler
+    from tests.conftest import LiveServer, make_settings
+
+    app = create_app(make_settings(tmp_path, api_keys=["sesame"]), generator=FakeGenerator(), upscaler=FakeUpscaler(),
+                     default_model="tiny-z-image")
+    common = ("--out", str(tmp_path / "o"), "--steps", "2", "--size", "64x64", "--seed", "3")
+    with LiveServer(app) as server:
+        refused = run_tool("client_example.py", "x", "--stream", "--url", server.url, *common)
+        assert refused.returncode == 1 and "status 401" in refused.stderr
+        refused_ws = run_tool("client_example.py", "x", "--ws", "--url", server.url, *common)
+        assert refused_ws.returncode == 1 and "API key" in refused_ws.stderr
+        for mode in ("--stream", "--ws"):
+            ok = run_tool("client_example.py", "x", mode, "--url", server.url, "--api-key", "sesame", *common)
+            assert ok.returncode == 0, ok.stderr

@@ -161,6 +161,14 @@ def test_invalid_input_is_shown_in_the_error_area(page, fake_server):
     assert "1000" in page.text_content("#error")
 
 
+    page.check("#mode-stream")  # a failure after the 200: an error event inside the stream
+    fill_form(page, prompt="fail:error please", width=64)
+    page.evaluate("document.querySelector('#error').hidden = true")
+    page.click("#generate")
+    page.wait_for_selector("#error", state="visible")
+    assert "stream error" in page.text_content("#error") and "failed" in page.text_content("#error")
+
+
 def test_page_opened_from_disk_talks_to_the_server_url_field(page, fake_server):
     page.goto((REPO / "web_client.html").as_uri())
     page.fill("#server-url", fake_server.url)
