@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 import httpx
-from websockets.exceptions import WebSocketException
+from websockets.exceptions import ConnectionClosed, WebSocketException
 
 # Friendly names accepted by generate_image/create_job besides the wire names.
 HTTP_ALIASES = {"steps": "num_inference_steps", "guidance": "guidance_scale", "variant": "model_type"}
@@ -171,8 +171,11 @@ async def websocket_job_example(base_url: str, prompt: str, *, client_id: str | 
     job_params = {"prompt": prompt, "preview": True, **{k: v for k, v in job_params.items() if v is not None}}
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     async with connect(f"{ws_url}/api/ws?client_id={client_id}", max_size=2**24, additional_headers=headers) as ws:
-        await ws.send(json.dumps({"type": "create_job", "task_type": "text_to_image",
-                                  "request_id": request_id, "params": job_params}))
+        try:
+            await ws.send(json.dumps({"type": "create_job", "task_type": "text_to_image",
+                                      "request_id": request_id, "params": job_params}))
+        except ConnectionClosed:
+            pass  # refused at once (bad API key...): the error frame it sent first is read below
         job_id = None
         async with asyncio.timeout(timeout):
             async for raw in ws:

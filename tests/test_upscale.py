@@ -68,25 +68,37 @@ def converted(cache_dir) -> Path:
     return ensure_x4plus_weights(cache_dir)
 
 
-@pytest.fixture(scope="session")
-def upscaler(converted, cache_dir) -> RealESRGANUpscaler:
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Run this module's CPU inference on one thread, restored afterwards. On a small shared
+    machine OpenMP's 2-thread barriers made each conv pass 5-10x slower whenever another
+    process held a core (measured: 24 px tile 0.6 s on 1 thread vs 5-7 s on 2)."""
+    torch = pytest.importorskip("torch")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def upscaler(converted, cache_dir, one_torch_thread) -> RealESRGANUpscaler:
     pytest.importorskip("spandrel")
     up = RealESRGANUpscaler(cache_dir, device="cpu")
     up.load()
     return up
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def crop48() -> np.ndarray:
     return synthetic_rgb(48, 48)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ours48(upscaler, crop48) -> np.ndarray:
     return upscaler.run_model(crop48)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ref48(crop48) -> np.ndarray:
     return ncnn_reference(crop48)
 
