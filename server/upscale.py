@@ -122,7 +122,9 @@ class RealESRGANUpscaler:
             raise ModelLoadError(f"cannot load upscaler weights {path}: {exc}; {REMEDY}") from exc
         if not isinstance(descriptor, spandrel.ImageModelDescriptor) or descriptor.scale != SCALE:
             scale = getattr(descriptor, "scale", None)
-            raise ModelLoadError(f"upscaler weights {path} are not a 4x image model (scale {scale}); {REMEDY}")
+            raise ModelLoadError(
+                f"upscaler weights {path} are not a 4x image model (scale {scale}); {REMEDY}"
+            )
         if descriptor.input_channels != 3 or descriptor.output_channels != 3:
             raise ModelLoadError(f"upscaler weights {path} are not an RGB model; {REMEDY}")
         descriptor.eval()
@@ -183,7 +185,8 @@ class RealESRGANUpscaler:
                 return out[0].permute(1, 2, 0).numpy()
             except _oom_types(torch) as exc:
                 if self._device.type != "cuda" or tile <= MIN_TILE:
-                    raise OutOfMemory(f"out of memory upscaling {rgb.shape[1]}x{rgb.shape[0]} with tile {tile}") from exc
+                    size = f"{rgb.shape[1]}x{rgb.shape[0]}"
+                    raise OutOfMemory(f"out of memory upscaling {size} with tile {tile}") from exc
                 logger.warning("upscaler OOM at tile %d; retrying with %d", tile, max(MIN_TILE, tile // 2))
             # outside the except block, so the failed attempt's tensors are no longer referenced
             torch.cuda.empty_cache()

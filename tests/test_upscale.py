@@ -45,7 +45,7 @@ def ncnn_reference(rgb: np.ndarray) -> np.ndarray:
     param, bin_ = NCNN_FILES
     net = ncnn.Net()
     net.opt.use_vulkan_compute = False
-    net.opt.num_threads = 2
+    net.opt.num_threads = 1
     net.load_param(str(param))
     net.load_model(str(bin_))
     extractor = net.create_extractor()
@@ -189,7 +189,8 @@ def test_wrong_mapping_is_detected(converted, crop48, ref48, tmp_path):
 
     state = load_file(str(converted))
     for suffix in [k.removeprefix("body.3.") for k in state if k.startswith("body.3.")]:
-        state[f"body.3.{suffix}"], state[f"body.17.{suffix}"] = state[f"body.17.{suffix}"], state[f"body.3.{suffix}"]
+        a, b = f"body.3.{suffix}", f"body.17.{suffix}"
+        state[a], state[b] = state[b], state[a]
     swapped = tmp_path / "swapped.safetensors"
     save_file(state, str(swapped))
     wrong = RealESRGANUpscaler(tmp_path, weights_path=swapped, device="cpu").run_model(crop48)
