@@ -82,7 +82,8 @@ def create_app(settings: Settings, generator: Generator | None = None, upscaler=
     app = FastAPI(title="t2i-server", version=__version__, lifespan=lifespan)
     app.state.settings, app.state.catalog = settings, catalog
     app.state.metrics = Metrics()
-    _add_cors(app, settings)
+    _add_body_limit(app, settings)
+    _add_cors(app, settings)  # added last: outermost, so even a 413 carries the CORS headers
     _add_routes(app)
     return app
 
@@ -102,6 +103,12 @@ def _add_cors(app: FastAPI, settings: Settings) -> None:
     app.add_middleware(CORSMiddleware, allow_origins=["null", *settings.cors_origins],
                        allow_origin_regex=LOCALHOST_ORIGINS, allow_methods=["GET", "POST", "OPTIONS"],
                        allow_headers=["Authorization", "Content-Type"], expose_headers=["Retry-After"])
+
+
+def _add_body_limit(app: FastAPI, settings: Settings) -> None:
+    from server.body_limit import BodyLimitMiddleware
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
 
 
 def _add_routes(app: FastAPI) -> None:

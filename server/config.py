@@ -46,7 +46,18 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = 30.0
     sse_ping_s: float = 15.0
     ws_max_frame_bytes: int = 1_048_576
+    max_body_bytes: int = 1_048_576  # HTTP request bodies; larger ones get 413
     log_level: str = "INFO"
+    # Scale-out (docs/scale-out.md). None: the single-node embedded mode (SQLite + in-process queue).
+    backend: str | None = None  # e.g. "redis://127.0.0.1:6379/0" (Redis >= 7.0 or Valkey >= 7.2)
+    role: Literal["all", "api", "worker"] = "all"  # with a backend: API node, GPU worker, or both in one process
+    node_id: str | None = None  # this process's consumer name in the queue; default: host-pid-random
+    reclaim_idle_ms: int = 60_000  # a job whose worker shows no GPU progress this long is taken over
+    max_deliveries: int = 3  # a job that took down this many workers ends failed
+    result_ttl_s: int = 86_400  # finished job records (the result cache) expire after this
+    redis_max_connections: int = 64  # per process; callers wait for a free connection (BlockingConnectionPool)
+    key_prefix: str = "t2i:"
+    event_stream_maxlen: int = 256  # per-job event stream cap (approximate; progress/previews beyond it are trimmed)
 
     @field_validator("extra_models", "model_aliases", "api_keys", "cors_origins", mode="before")
     @classmethod

@@ -176,7 +176,7 @@ class JobEngine:
             if client_id:
                 await self.store.link_client(client_id, job_id, time.time())
             return Submission(existing, False, self._subscribe(existing, None) if subscribe else None)
-        self._check_capacity(client_id)
+        self._check_capacity(interest)
         now = time.time()
         if existing is not None:  # failed or cancelled before: run it again
             record = existing.moved_to(JobStatus.PENDING, error=None, result=None, attempt=existing.attempt + 1)
@@ -195,11 +195,15 @@ class JobEngine:
         log.info("job %s: queued (%s %dx%d, %d steps, n=%d)", job_id[:12], spec.model, spec.width, spec.height, spec.steps, spec.n)
         return Submission(record, True, subscriber)
 
-    def _check_capacity(self, client_id: str | None) -> None:
+    def _check_capacity(self, interest: str) -> None:
+        """Global queue limit, then the per-client one. A client is its interest: a WebSocket
+        client id (scoped by API key) or an anonymous connection's own id, so an anonymous socket
+        cannot flood the queue past the per-client limit; an interest withdrawn by cancel no
+        longer counts. (Each HTTP request is an interest of its own: only the global limit.)"""
         pending = [a for a in self._active.values() if a.record.status is JobStatus.PENDING]
         if len(pending) >= self.config.max_queue:
             raise QueueFull(f"the queue is full ({self.config.max_queue} jobs waiting); retry later")
-        if client_id and sum(client_id in a.client_ids for a in self._active.values()) >= self.config.max_queue_per_client:
+        if sum(interest in a.interests for a in self._active.values()) >= self.config.max_queue_per_client:
             raise QueueFull(f"this client already has {self.config.max_queue_per_client} unfinished jobs", code="client_queue_full")
 
     async def _link(self, active: ActiveJob, client_id: str | None) -> None:

@@ -44,6 +44,9 @@ class JobEvent:
     progress: Progress | None = None
     preview: PreviewImage | None = None
     timestamp: float = field(default_factory=time.time)
+    # The event's id in a shared event log (the Redis backend's per-job stream), else None: lets a
+    # client that reconnects elsewhere resume after the last event it saw (Last-Event-ID).
+    event_id: str | None = None
 
     @property
     def is_terminal(self) -> bool:

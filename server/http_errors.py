@@ -101,6 +101,32 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, on_unexpected)
 
 
+def document_errors(app: FastAPI) -> None:
+    """Make the OpenAPI schema say what the handlers above really send: FastAPI documents a 422
+    ``HTTPValidationError`` for every route with parameters, but validation errors are 400 here,
+    in the error envelope."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        envelope_ref = {"$ref": "#/components/schemas/ErrorEnvelope"}
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                responses = operation.get("responses", {})
+                if responses.pop("422", None) is not None:
+                    responses.setdefault("400", {"description": "Invalid request",
+                                                 "content": {"application/json": {"schema": envelope_ref}}})
+        components = schema.get("components", {}).get("schemas", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.pop(unused, None)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
+
+
 def validation_body(exc: RequestValidationError) -> ErrorBody:
     """400 body for FastAPI's validation errors: ``param`` names the first offending field."""
     first = (exc.errors() or [{}])[0]

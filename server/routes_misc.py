@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from server import __version__
 from server.errors import NotFound
 from server.files import resolve_output
+from server.schemas_openai import ErrorEnvelope
 
 router = APIRouter()
 WEB_CLIENT = Path(__file__).resolve().parent.parent / "web_client.html"
@@ -59,7 +60,11 @@ async def info(request: Request) -> dict:
     }
 
 
-@router.get("/api/image/{filename}")
+PNG = {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}, "description": "The PNG file"}
+NOT_FOUND = {404: {"model": ErrorEnvelope, "description": "No such image in the output directory"}}
+
+
+@router.get("/api/image/{filename}", response_class=Response, responses={200: PNG, **NOT_FOUND})
 async def image(filename: str, request: Request):
     path = resolve_output(request.app.state.settings.output_dir, filename)
     if path is None:
@@ -67,12 +72,14 @@ async def image(filename: str, request: Request):
     return FileResponse(path, media_type="image/png", headers={"Cache-Control": IMMUTABLE})
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                             "description": "Prometheus text exposition format"}})
 async def metrics(request: Request) -> Response:
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/ui", response_class=HTMLResponse)
+@router.get("/ui", response_class=HTMLResponse, responses=NOT_FOUND)
 async def web_client():
     if not WEB_CLIENT.is_file():
         return JSONResponse({"error": {"message": "web_client.html is not installed", "type": "not_found"}}, 404)

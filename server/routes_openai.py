@@ -26,7 +26,7 @@ from server.config import Settings
 from server.engine import SHUTDOWN_REASON
 from server.errors import GenerationFailed, InvalidRequest, NotFound, OutOfMemory, ServerError, ShuttingDown
 from server.events import Subscriber
-from server.http_errors import install_error_handlers
+from server.http_errors import document_errors, install_error_handlers
 from server.jobs import JobRecord, JobStatus
 from server.schemas_openai import (ErrorEnvelope, ImageData, ImageGenerationRequest, ImagesResponse,
                                    InputTokensDetails, ModelList, ModelObject, Usage)
@@ -38,6 +38,7 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 CLIENT_CLOSED = 499  # nginx's "client closed request": logged only, nobody reads it
 SIZE_PARAMS = {"width": "size", "height": "size", "steps": "num_inference_steps"}
 ERRORS = {status: {"model": ErrorEnvelope} for status in (400, 401, 404, 429, 500, 503)}
+TOO_LARGE = {413: {"model": ErrorEnvelope, "description": "The body is larger than max_body_bytes"}}
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ def job_failure(record: JobRecord) -> ServerError:
 
 @router.post("/images/generations", response_model=None, summary="Create images (OpenAI-compatible)",
              responses={200: {"model": ImagesResponse, "content": {"text/event-stream": {}},
-                              "description": "JSON, or an SSE stream when 'stream' is true"}, **ERRORS})
+                              "description": "JSON, or an SSE stream when 'stream' is true"}, **ERRORS, **TOO_LARGE})
 async def create_images(body: ImageGenerationRequest, request: Request,
                         owner: str | None = Depends(require_owner)) -> Response:
     state = request.app.state
@@ -173,10 +174,12 @@ def stream_response(request: Request, plan: Plan, subscriber: Subscriber, intere
         return await final_images(state.settings, record, plan.output_format, plan.compression)
 
     async def events():
+        state.metrics.sse_streams.inc()
         try:
             async for item in job_events(subscriber, dialect, load, job_failure):
                 yield item
         finally:  # normal end, error, or the client went away (cancellation lands here)
+            state.metrics.sse_streams.dec()
             await _withdraw(request, subscriber, job_id, interest)
 
     return EventSourceResponse(events(), ping=state.settings.sse_ping_s, ping_message_factory=ping_event,
@@ -257,4 +260,5 @@ async def _withdraw(request: Request, subscriber: Subscriber, job_id: str, inter
 
 def install(app: FastAPI) -> None:
     install_error_handlers(app)
+    document_errors(app)
     app.include_router(router)

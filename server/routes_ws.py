@@ -250,6 +250,7 @@ async def jobs_socket(websocket: WebSocket) -> None:
     session.attach(conn)
     ctx = Context(websocket, session, conn)
     log.info("ws %s: client %s connected", conn.conn_id, session.interest)
+    app.state.metrics.ws_connections.inc()
     try:
         while True:
             frame = await websocket.receive()
@@ -257,6 +258,7 @@ async def jobs_socket(websocket: WebSocket) -> None:
                 break
             await handle_frame(ctx, frame)
     finally:
+        app.state.metrics.ws_connections.dec()
         await conn.stop()
         await registry.detach(session, conn, app.state.engine)
         log.info("ws %s: client %s disconnected", conn.conn_id, session.interest)

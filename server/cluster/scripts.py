@@ -1,0 +1,188 @@
+"""The Lua scripts: every multi-key step of the Redis backend is one atomic script.
+
+Keys are built inside the scripts from a prefix (ARGV[1]), so the backend targets a standalone
+Redis/Valkey (optionally with replicas), not Redis Cluster. Each script's contract:
+
+- SUBMIT: dedup + record + enqueue + first status event + the client's job list, at once.
+- CLAIM: a worker took a queue entry: check it is still wanted, count the delivery (ending a job
+  that crashed ``max_deliveries`` workers as failed), bump the fence and name the owner.
+- MOVE: a worker-side state change, fenced by (worker, fence): a worker whose job was taken over
+  (or cancelled, or finished by someone else) changes nothing.
+- STEP: a worker's coalesced step events (progress, latest preview) + heartbeat (XCLAIM JUSTID),
+  fenced the same way; answers whether the job was asked to cancel.
+- CANCEL: withdraw an interest; cancel a pending job at once, ask a running job's owner to stop
+  (it sees the flag at its next step), or cancel at once when the owner looks dead.
+
+Job hash fields: spec status created_at updated_at result error owner attempt (the record), plus
+worker fence deliveries cancel msg seq last_event (control). Fields are strings: Lua never decodes
+the spec JSON (cjson would round a 63-bit seed).
+"""
+
+from __future__ import annotations
+
+COMMON = r"""
+local P = ARGV[1]
+local GROUP = ARGV[2]
+local function jk(id) return P .. 'job:' .. id end
+local function is_terminal(st) return st == 'completed' or st == 'failed' or st == 'cancelled' end
+local function emit_status(id, maxlen)
+  local f = redis.call('HMGET', jk(id), 'status', 'updated_at', 'result', 'error', 'attempt')
+  local eid = redis.call('XADD', P .. 'ev:' .. id, 'MAXLEN', '~', maxlen, '*', 'k', 'status',
+    'status', f[1], 'updated_at', f[2], 'result', f[3] or '', 'error', f[4] or '', 'attempt', f[5] or '1')
+  redis.call('HSET', jk(id), 'last_event', eid)
+  return eid
+end
+local function on_terminal(id, ttl)
+  redis.call('ZREM', P .. 'pending', id)
+  redis.call('SREM', P .. 'running', id)
+  for _, who in ipairs(redis.call('SMEMBERS', P .. 'int:' .. id)) do
+    redis.call('SREM', P .. 'ia:' .. who, id)
+  end
+  redis.call('HSET', jk(id), 'cancel', '0')
+  local msg = redis.call('HGET', jk(id), 'msg')
+  if msg and msg ~= '' then
+    redis.call('XACK', P .. 'queue', GROUP, msg)
+    redis.call('XDEL', P .. 'queue', msg)
+  end
+  for _, k in ipairs({jk(id), P .. 'ev:' .. id, P .. 'pv:' .. id, P .. 'int:' .. id}) do
+    redis.call('EXPIRE', k, ttl)
+  end
+end
+local function finish(id, status, err, now, ttl, maxlen)
+  redis.call('HSET', jk(id), 'status', status, 'error', err, 'updated_at', now)
+  redis.call('HINCRBY', jk(id), 'fence', 1)
+  local eid = emit_status(id, maxlen)
+  on_terminal(id, ttl)
+  return eid
+end
+"""
+
+# ARGV: P GROUP id now spec owner interest client max_queue max_per_interest maxlen
+# -> {code, hash-as-flat-list, preview-hash-as-flat-list}
+SUBMIT = COMMON + r"""
+local id, now, interest, client = ARGV[3], ARGV[4], ARGV[7], ARGV[8]
+local key = jk(id)
+local st = redis.call('HGET', key, 'status')
+local function link(active)
+  if client ~= '' then redis.call('ZADD', P .. 'cl:' .. client, 'NX', now, id) end
+  if active then
+    redis.call('SADD', P .. 'int:' .. id, interest)
+    redis.call('SADD', P .. 'ia:' .. interest, id)
+  end
+end
+if st == 'pending' or st == 'processing' or st == 'generated' then
+  link(true)
+  return {'joined', redis.call('HGETALL', key), redis.call('HGETALL', P .. 'pv:' .. id)}
+end
+if st == 'completed' then
+  link(false)
+  return {'cached', redis.call('HGETALL', key), {}}
+end
+if redis.call('ZCARD', P .. 'pending') >= tonumber(ARGV[9]) then return {'full', {}, {}} end
+if redis.call('SCARD', P .. 'ia:' .. interest) >= tonumber(ARGV[10]) then return {'interest_full', {}, {}} end
+local attempt = 1
+if st then  -- failed or cancelled before: run it again, under the same id
+  attempt = tonumber(redis.call('HGET', key, 'attempt') or '1') + 1
+  redis.call('DEL', P .. 'ev:' .. id, P .. 'pv:' .. id, P .. 'int:' .. id)
+  redis.call('PERSIST', key)
+else
+  redis.call('HSET', key, 'spec', ARGV[5], 'owner', ARGV[6], 'created_at', now, 'fence', 0)
+end
+local seq = redis.call('INCR', P .. 'seq')
+local msg = redis.call('XADD', P .. 'queue', '*', 'id', id)
+redis.call('HSET', key, 'status', 'pending', 'updated_at', now, 'result', '', 'error', '', 'attempt', attempt,
+  'deliveries', 0, 'cancel', '0', 'worker', '', 'msg', msg, 'seq', seq)
+redis.call('ZADD', P .. 'pending', seq, id)
+link(true)
+emit_status(id, ARGV[11])
+return {'created', redis.call('HGETALL', key), {}}
+"""
+
+# ARGV: P GROUP id msg worker max_deliveries now ttl maxlen -> {code, hash}
+CLAIM = COMMON + r"""
+local id, msg, worker, now, ttl, maxlen = ARGV[3], ARGV[4], ARGV[5], ARGV[7], ARGV[8], ARGV[9]
+local key = jk(id)
+local f = redis.call('HMGET', key, 'status', 'msg', 'cancel')
+if (not f[1]) or is_terminal(f[1]) or f[2] ~= msg then  -- finished, expired, or an old run's entry
+  redis.call('XACK', P .. 'queue', GROUP, msg)
+  redis.call('XDEL', P .. 'queue', msg)
+  return {'stale', {}}
+end
+local deliveries = redis.call('HINCRBY', key, 'deliveries', 1)
+if f[3] == '1' then
+  finish(id, 'cancelled', 'cancelled', now, ttl, maxlen)
+  return {'cancelled', {}}
+end
+if deliveries > tonumber(ARGV[6]) then
+  finish(id, 'failed', 'the job stopped ' .. (deliveries - 1) .. ' workers; it is not retried', now, ttl, maxlen)
+  return {'poison', {}}
+end
+redis.call('HINCRBY', key, 'fence', 1)
+-- A job taken over from a dead worker starts again from the queue's view: pending.
+redis.call('HSET', key, 'worker', worker, 'status', 'pending')
+return {'run', redis.call('HGETALL', key)}
+"""
+
+# ARGV: P GROUP id worker fence status updated_at result error terminal ttl maxlen
+# -> {'ok', cancel} | {'fenced', status}
+MOVE = COMMON + r"""
+local id = ARGV[3]
+local key = jk(id)
+local f = redis.call('HMGET', key, 'worker', 'fence', 'status', 'cancel')
+if f[1] ~= ARGV[4] or f[2] ~= ARGV[5] or (not f[3]) or is_terminal(f[3]) then
+  return {'fenced', f[3] or ''}
+end
+redis.call('HSET', key, 'status', ARGV[6], 'updated_at', ARGV[7], 'result', ARGV[8], 'error', ARGV[9])
+if ARGV[6] == 'processing' then
+  redis.call('ZREM', P .. 'pending', id)
+  redis.call('SADD', P .. 'running', id)
+end
+emit_status(id, ARGV[12])
+if ARGV[10] == '1' then on_terminal(id, ARGV[11]) end
+return {'ok', f[4] or '0'}
+"""
+
+# ARGV: P GROUP id worker fence msg maxlen beat [kind payload ts]... -> 1 cancel, 0 go on, -1 fenced
+STEP = COMMON + r"""
+local id = ARGV[3]
+local key = jk(id)
+local f = redis.call('HMGET', key, 'worker', 'fence', 'status', 'cancel')
+if f[1] ~= ARGV[4] or f[2] ~= ARGV[5] or f[3] ~= 'processing' then return -1 end
+local i = 9
+while ARGV[i] do
+  local eid = redis.call('XADD', P .. 'ev:' .. id, 'MAXLEN', '~', ARGV[7], '*', 'k', ARGV[i], 'v', ARGV[i + 1], 'ts', ARGV[i + 2])
+  if ARGV[i] == 'preview' then
+    redis.call('HSET', P .. 'pv:' .. id, 'id', eid, 'v', ARGV[i + 1], 'ts', ARGV[i + 2])
+  end
+  i = i + 3
+end
+if ARGV[8] == '1' then
+  redis.call('XCLAIM', P .. 'queue', GROUP, ARGV[4], 0, ARGV[6], 'JUSTID')
+end
+if f[4] == '1' then return 1 end
+return 0
+"""
+
+# ARGV: P GROUP id interest now ttl maxlen dead_idle_ms -> {code, hash}
+CANCEL = COMMON + r"""
+local id, interest, now, ttl, maxlen = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+local key = jk(id)
+local st = redis.call('HGET', key, 'status')
+if not st then return {'missing', {}} end
+if st ~= 'pending' and st ~= 'processing' then return {'not_cancellable', redis.call('HGETALL', key)} end
+redis.call('SREM', P .. 'int:' .. id, interest)
+redis.call('SREM', P .. 'ia:' .. interest, id)
+if redis.call('SCARD', P .. 'int:' .. id) > 0 then return {'kept', redis.call('HGETALL', key)} end
+local dead = false
+if st == 'processing' then
+  local msg = redis.call('HGET', key, 'msg')
+  local pel = redis.call('XPENDING', P .. 'queue', GROUP, msg, msg, 1)
+  dead = (#pel == 0) or (tonumber(pel[1][3]) >= tonumber(ARGV[8]))
+end
+if st == 'pending' or dead then
+  finish(id, 'cancelled', 'cancelled', now, ttl, maxlen)
+  return {'cancelled', redis.call('HGETALL', key)}
+end
+redis.call('HSET', key, 'cancel', '1')  -- the owning worker reads it with its next step
+return {'cancelling', redis.call('HGETALL', key)}
+"""
