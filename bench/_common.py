@@ -265,11 +265,10 @@ class LagProbe:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            tick = loop.time()
+        while True:  # perf_counter, not loop.time(): uvloop's clock has 1 ms steps
+            tick = time.perf_counter()
             await asyncio.sleep(self.tick_s)
-            self.lags_ms.append((loop.time() - tick - self.tick_s) * 1000)
+            self.lags_ms.append(max(0.0, (time.perf_counter() - tick - self.tick_s) * 1000))
 
     def stop(self) -> dict:
         if self._task is not None:

@@ -44,7 +44,15 @@ def main() -> None:
     parser.add_argument("--max-queue", type=int, default=64)
     parser.add_argument("--max-queue-per-client", type=int, default=16)
     parser.add_argument("--preview-method", default="fast")
+    parser.add_argument("--legacy-sse-encode", action="store_true",
+                        help="A/B only: encode SSE events with sse-starlette's generic encoder (before the fix)")
     args = parser.parse_args()
+    if args.legacy_sse_encode:
+        from sse_starlette import ServerSentEvent
+
+        from server import streaming
+
+        streaming.JsonEvent.encode = ServerSentEvent.encode
     raise_fd_limit()
     settings = Settings(output_dir=Path(args.output_dir), model="tiny-z-image", max_queue=args.max_queue,
                         max_queue_per_client=args.max_queue_per_client, preview_method=args.preview_method,

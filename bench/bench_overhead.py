@@ -136,7 +136,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="256,512")
     parser.add_argument("--steps", type=int, default=9)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--pieces-sizes", default="1024", help="sizes where only the pieces are timed")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     rng = random.Random()
@@ -173,6 +174,9 @@ def main() -> None:
                 results["median"][str(size)] = row
                 results["raw"][str(size)] = {k: [r(x * 1000, 2) for x in v] for k, v in samples.items()}
                 results["pieces"][str(size)] = pieces(replay.image, pipe, client, servers["fast"].url, tmp)
+            for size in [int(s) for s in args.pieces_sizes.split(",") if s]:
+                image = raw_call(pipe, size, args.steps, 1)
+                results["pieces"][str(size)] = pieces(image, pipe, client, servers["fast"].url, tmp)
         finally:
             for server in servers.values():
                 server.__exit__()

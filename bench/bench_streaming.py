@@ -54,6 +54,7 @@ def one(server: ServerProc, size: int, steps: int, stream: bool, seed: int) -> d
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="256,512")
+    parser.add_argument("--repeats-512", type=int, default=3, help="repeats at sizes above 256 (vae previews are slow)")
     parser.add_argument("--steps", type=int, default=9)
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
@@ -70,7 +71,7 @@ def main() -> None:
                 one(server, size, args.steps, method != "none", rng.randrange(1 << 40))
         raw = {size: {name: [] for name, _, _ in VARIANTS} for size in sizes}
         for size in sizes:
-            for rep in range(args.repeats):
+            for rep in range(args.repeats if size <= 256 else args.repeats_512):
                 order = VARIANTS if rep % 2 == 0 else VARIANTS[::-1]  # alternate order: no position bias
                 for name, method, stream in order:
                     raw[size][name].append(one(servers[method], size, args.steps, stream, rng.randrange(1 << 40)))

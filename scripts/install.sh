@@ -19,3 +19,9 @@ if [ $want_tests = 1 ] && ! command -v chromium >/dev/null 2>&1; then
     (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "warning: chromium not installed; the browser test will be skipped" >&2
   fi
 fi
+if [ $want_tests = 1 ] && ! command -v redis-server >/dev/null 2>&1; then
+  # The scale-out tests (tests/cluster) start a real Redis; they skip its cases without one.
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) || echo "warning: redis-server not installed; its cluster tests will be skipped" >&2
+  fi
+fi

@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     from server.catalog import resolve_default_model
     from server.errors import ServerError
 
+    if settings.backend:
+        return serve_cluster_role(settings)
     try:
         model = resolve_default_model(settings.model, cuda_available())
         generator = default_generator(settings)
@@ -31,6 +33,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
     return serve(settings, create_app(settings, generator=generator, default_model=model))
+
+
+def serve_cluster_role(settings: Settings) -> int:
+    """``--backend redis://... --role api|worker|all`` (server/cluster/roles.py, docs/scale-out.md).
+    An API node loads no model; ``auto`` names the model a CUDA worker would serve."""
+    from server.app import NO_UPSCALER, create_app, default_generator, default_upscaler
+    from server.catalog import resolve_default_model
+    from server.cluster.roles import RemoteGenerator, create_worker_app, fake_generator_from_env
+    from server.errors import ServerError
+
+    try:
+        from server.app import cuda_available
+
+        model = resolve_default_model(settings.model, settings.role == "api" or (settings.model == "auto" and cuda_available()))
+        fake = fake_generator_from_env()
+        if settings.role == "api":
+            return serve(settings, create_app(settings, generator=RemoteGenerator(), upscaler=NO_UPSCALER,
+                                              default_model=model))
+        generator, upscaler = fake if fake is not None else (default_generator(settings), None)
+        log.info("loading %s ...", model)
+        generator.load(model, None)
+        if upscaler is None:
+            upscaler = default_upscaler(settings)
+    except ServerError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    if settings.role == "worker":
+        return serve(settings, create_worker_app(settings, generator, upscaler, model))
+    return serve(settings, create_app(settings, generator=generator, upscaler=upscaler, default_model=model))
 
 
 def serve(settings: Settings, app) -> int:

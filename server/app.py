@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from contextlib import asynccontextmanager
 
@@ -60,6 +61,16 @@ def create_app(settings: Settings, generator: Generator | None = None, upscaler=
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if settings.backend:  # scale-out over Redis/Valkey: server/cluster, docs/scale-out.md
+            from server.cluster.roles import cluster_lifespan
+
+            gen, up = generator, None if upscaler is NO_UPSCALER else upscaler
+            if settings.role == "all":  # this process is also a GPU worker
+                gen = gen if gen is not None else default_generator(settings)
+                up = None if upscaler is NO_UPSCALER else (up if up is not None else default_upscaler(settings))
+            async with cluster_lifespan(app, settings, catalog, gen, up):
+                yield
+            return
         gen = generator if generator is not None else default_generator(settings)
         up = None if upscaler is NO_UPSCALER else (upscaler if upscaler is not None else default_upscaler(settings))
         await asyncio.to_thread(gen.load, catalog.default_model, None)
@@ -95,6 +106,16 @@ def get_demo(catalog: Catalog) -> bool:
 # Browsers on localhost (any port) and pages opened from disk (Origin: null, web_client.html) may
 # call the API; any other origin must be listed in T2I_CORS_ORIGINS. Same-origin needs no CORS.
 LOCALHOST_ORIGINS = r"^https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?$"
+
+
+def origin_allowed(origin: str, host: str | None, settings: Settings) -> bool:
+    """The CORS allowlist, for requests that CORS does not cover (WebSocket handshakes): the
+    server's own origin (``Origin`` names the ``Host`` asked for), localhost, ``null`` and
+    ``settings.cors_origins``."""
+    if origin == "null" or origin in settings.cors_origins or re.match(LOCALHOST_ORIGINS, origin):
+        return True
+    scheme, sep, netloc = origin.partition("://")
+    return bool(sep) and scheme in ("http", "https") and host is not None and netloc.lower() == host.lower()
 
 
 def _add_cors(app: FastAPI, settings: Settings) -> None:

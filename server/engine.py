@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.errors import JobNotCancellable, JobNotFound, QueueFull, ShuttingDown
+from server.errors import JobNotCancellable, JobNotFound, QueueFull, ShuttingDown, StorageUnavailable
 from server import files
 from server.events import EventHub, EventKind, JobEvent, Subscriber
 from server.execution import JobRunner
@@ -174,7 +174,7 @@ class JobEngine:
         existing = await self._lookup(job_id)
         if existing is not None and existing.status is JobStatus.COMPLETED:
             if client_id:
-                await self.store.link_client(client_id, job_id, time.time())
+                await self._link_client(client_id, job_id)
             return Submission(existing, False, self._subscribe(existing, None) if subscribe else None)
         self._check_capacity(interest)
         now = time.time()
@@ -188,7 +188,15 @@ class JobEngine:
         self._active[job_id] = active
         self._finished.pop(job_id, None)
         subscriber = self.hub.subscribe(job_id) if subscribe else None
-        await self.store.put(record)
+        try:
+            await self.store.put(record)
+        except Exception as exc:  # disk full, read-only: refuse the job rather than run it unrecorded
+            self._active.pop(job_id, None)
+            if subscriber is not None:
+                subscriber.close()
+            log.error("job %s: not accepted, the job store failed: %s", job_id[:12], exc)
+            raise StorageUnavailable("The server cannot record new jobs right now (its disk may be full); "
+                                     "retry later.") from None
         await self._link(active, client_id)
         active.status_history.append(self._announce(active.record))
         self._queue.put_nowait(job_id)
@@ -209,7 +217,15 @@ class JobEngine:
     async def _link(self, active: ActiveJob, client_id: str | None) -> None:
         if client_id and client_id not in active.client_ids:
             active.client_ids.add(client_id)
-            await self.store.link_client(client_id, active.job_id, time.time())
+            await self._link_client(client_id, active.job_id)
+
+    async def _link_client(self, client_id: str, job_id: str) -> None:
+        """Best effort: the link only feeds ``client_jobs`` listings; a full disk must not fail
+        (or, half-way through a submit, strand) the job itself."""
+        try:
+            await self.store.link_client(client_id, job_id, time.time())
+        except Exception as exc:
+            log.error("job %s: could not link client %s: %s", job_id[:12], client_id, exc)
 
     def _subscribe(self, record: JobRecord, active: ActiveJob | None) -> Subscriber:
         """A subscriber that first gets every status the job has had in this run (so concurrent
@@ -302,7 +318,13 @@ class JobEngine:
         # Assign before awaiting the store so that two racing moves see each other's result.
         active.record = active.record.moved_to(status, **changes)
         record = active.record
-        await self.store.put(record)
+        try:
+            await self.store.put(record)
+        except Exception as exc:
+            # Announce anyway: a job whose state cannot be persisted (disk full) must still reach
+            # its terminal state for its waiting clients, and the worker must survive. After a
+            # restart the store's older state is recovered as interrupted.
+            log.error("job %s: could not persist status %s: %s", record.job_id[:12], status.value, exc)
         event = self._announce(record)
         active.status_history.append(event)
         return record

@@ -11,6 +11,7 @@
     ├── JobNotCancellable       cancel of a job that is already finished
     ├── QueueFull               the queue (or a client's share of it) is at its limit
     ├── ShuttingDown            the server no longer accepts work
+    ├── StorageUnavailable      the job database cannot be written (disk full, read-only)
     └── GenerationFailed        the generator raised (incl. out of memory)
         └── OutOfMemory
 
@@ -72,6 +73,10 @@ class QueueFull(ServerError):
 
 class ShuttingDown(ServerError):
     code = "shutting_down"
+
+
+class StorageUnavailable(ServerError):
+    code = "storage_unavailable"
 
 
 class GenerationFailed(ServerError):

@@ -8,6 +8,7 @@ bare "internal server error" (logged with the job id when the route recorded one
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 
@@ -45,6 +46,7 @@ ERROR_MAP: tuple[tuple[type[errors.ServerError], ErrorMapping], ...] = (
     (errors.IllegalTransition, ErrorMapping(409, INVALID)),
     (errors.QueueFull, ErrorMapping(429, "rate_limit_error", {"Retry-After": str(QUEUE_RETRY_AFTER_S)})),
     (errors.ShuttingDown, ErrorMapping(503, SERVER)),
+    (errors.StorageUnavailable, ErrorMapping(503, SERVER, {"Retry-After": "30"})),
     (errors.ModelLoadError, ErrorMapping(503, SERVER, NO_RETRY)),
     (errors.GenerationFailed, ErrorMapping(500, SERVER, NO_RETRY)),
 )
@@ -62,8 +64,16 @@ def mapping_for(exc: errors.ServerError) -> ErrorMapping:
     return ErrorMapping(500, SERVER)
 
 
+class AsciiJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error message may echo client input, and a lone surrogate
+    (valid in a JSON string, not encodable as UTF-8) must not turn a 4xx into a crash."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
 def envelope(status: int, body: ErrorBody, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(ErrorEnvelope(error=body).model_dump(), status_code=status, headers=headers)
+    return AsciiJSONResponse(ErrorEnvelope(error=body).model_dump(), status_code=status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from sse_starlette import EventSourceResponse
 
 from server import files
@@ -136,7 +136,9 @@ async def create_images(body: ImageGenerationRequest, request: Request,
         return Response(status_code=CLIENT_CLOSED)
     if record.status is not JobStatus.COMPLETED:
         raise job_failure(record)
-    return JSONResponse((await images_response(request, plan, record)).model_dump(exclude_none=True))
+    # pydantic's serializer: half the time of JSONResponse's json.dumps on a 4 MB b64_json body
+    payload = (await images_response(request, plan, record)).model_dump_json(exclude_none=True)
+    return Response(payload, media_type="application/json")
 
 
 @router.get("/models", response_model=ModelList, responses=ERRORS)

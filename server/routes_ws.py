@@ -3,7 +3,8 @@
 Connect with ``?client_id=<id>`` to get a session that survives reconnects (see ``ws_sessions``);
 without one the connection gets a generated id that only names its interest in jobs. With API keys
 configured the key comes from ``Authorization: Bearer <key>`` or ``?api_key=<key>``; a missing or
-wrong key gets an ``error`` frame, then close code 4401. Message schemas: ``schemas_ws``.
+wrong key gets an ``error`` frame, then close code 4401. A browser page whose ``Origin`` the CORS
+allowlist does not admit gets close code 4403. Message schemas: ``schemas_ws``.
 
 Every bad frame (not JSON, no or unknown ``type``, invalid params, too large, binary) is answered
 with an ``error`` frame and the connection stays open; ``error_frame`` is the one place that maps
@@ -22,12 +23,13 @@ from fastapi import FastAPI, WebSocket
 from pydantic import ValidationError
 
 from server import schemas_ws as wire
+from server.app import origin_allowed
 from server.auth import authenticate, bearer_token
 from server.engine import JobEngine
 from server.errors import AuthenticationFailed, InvalidRequest, ServerError
 from server.jobs import JobStatus
 from server.spec import JobSpec, Limits, SpecInput, normalize
-from server.ws_sessions import (CLOSE_BAD_REQUEST, CLOSE_TOO_MANY, CLOSE_UNAUTHORIZED,
+from server.ws_sessions import (CLOSE_BAD_REQUEST, CLOSE_FORBIDDEN, CLOSE_TOO_MANY, CLOSE_UNAUTHORIZED,
                                 MAX_CONNECTIONS_PER_CLIENT, Connection, Renderer, Session, SessionRegistry)
 
 log = logging.getLogger(__name__)
@@ -218,6 +220,13 @@ async def _refuse(websocket: WebSocket, exc: ServerError, code: int) -> None:
 async def _admit(websocket: WebSocket) -> tuple[str | None, str | None] | None:
     """(owner, client_id) for an acceptable connection; otherwise refuse it and return None."""
     params = websocket.query_params
+    origin = websocket.headers.get("origin")
+    if origin is not None and not origin_allowed(origin, websocket.headers.get("host"), websocket.app.state.settings):
+        # Browsers send any page's origin; without this check a web page the user visits could
+        # drive the local server (cross-site WebSocket hijacking). Non-browser clients send none.
+        await _refuse(websocket, ServerError(f"origin '{origin[:100]}' is not allowed; add it to T2I_CORS_ORIGINS",
+                                             code="origin_not_allowed"), CLOSE_FORBIDDEN)
+        return None
     key = bearer_token(websocket.headers.get("authorization")) or params.get("api_key")
     try:
         owner = authenticate(websocket.app.state.settings, key)

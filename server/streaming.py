@@ -65,9 +65,19 @@ class FinalImage:
     upscaled_b64: str | None = None
 
 
+class JsonEvent(ServerSentEvent):
+    """An event whose data is one line of JSON (``model_dump_json`` escapes every newline), so it
+    encodes without the generic per-line regex split: byte-identical output, but ~0.6 ms instead
+    of ~30 ms on the event loop for a final 1024x1024 image (4 MB of base64); see BENCHMARKS.md."""
+
+    def encode(self) -> bytes:
+        head = f"event: {self.event}{self._sep}" if self.event is not None else ""
+        return f"{head}data: {self.data}{self._sep}{self._sep}".encode()
+
+
 def sse(model: BaseModel, event: str | None = None, exclude_none: bool = True) -> ServerSentEvent:
     """One event; optional extension fields that are unset are left out of the JSON."""
-    return ServerSentEvent(data=model.model_dump_json(exclude_none=exclude_none), event=event, sep=SEP)
+    return JsonEvent(data=model.model_dump_json(exclude_none=exclude_none), event=event, sep=SEP)
 
 
 def done_event() -> ServerSentEvent:

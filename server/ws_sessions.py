@@ -24,6 +24,7 @@ Close codes sent by the server:
     1011 CLOSE_INTERNAL      unexpected server error
     4400 CLOSE_BAD_REQUEST   an unusable connection request (an invalid client_id)
     4401 CLOSE_UNAUTHORIZED  missing or wrong API key (sent after an ``error`` frame)
+    4403 CLOSE_FORBIDDEN     a browser page of an origin not allowed by the CORS allowlist
     4408 CLOSE_TOO_SLOW      the client does not read its messages (outbox overflow)
     4429 CLOSE_TOO_MANY      too many open connections for one client_id
 (uvicorn itself closes with 1009 for frames above its ``ws_max_size`` and 1012 at shutdown.)
@@ -51,6 +52,7 @@ CLOSE_NORMAL = 1000
 CLOSE_INTERNAL = 1011
 CLOSE_BAD_REQUEST = 4400
 CLOSE_UNAUTHORIZED = 4401
+CLOSE_FORBIDDEN = 4403
 CLOSE_TOO_SLOW = 4408
 CLOSE_TOO_MANY = 4429
 

@@ -1,0 +1,256 @@
+"""The API-role engine over Redis/Valkey: the public surface of ``server.engine.JobEngine``
+(submit/cancel/release/get/client_jobs/queue_position/counts/accepting/subscribe/start/stop), so the
+protocol adapters run unchanged, with no GPU and no job state of its own.
+
+Queue: stream ``queue`` + consumer group ``workers``. Records: hash ``job:{id}`` keyed by the job
+id (the spec hash). Events: capped stream ``ev:{id}`` per job, latest preview in ``pv:{id}``.
+Interests: ``int:{id}`` (who wants the job) and ``ia:{interest}`` (unfinished jobs of a client, for
+the per-client limit). Client job lists: sorted set ``cl:{client}``. Pending order: sorted set
+``pending``; jobs on a worker: set ``running``.
+
+``queue_position`` and ``counts`` are synchronous in the engine interface, so they read a snapshot
+refreshed every ``STATS_INTERVAL_S`` (it may be that much behind).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from redis.exceptions import RedisError, ResponseError
+
+from server.cluster import scripts
+from server.cluster.codec import GROUP, Keys, connect, default_node_id, pairs, preview_event, reader_client, record_from_hash
+from server.cluster.streams import FeedReader
+from server.engine import EngineConfig, Submission, scoped_job_id
+from server.errors import JobNotCancellable, JobNotFound, QueueFull, ShuttingDown
+from server.events import EventKind, JobEvent, Subscriber
+from server.jobs import JobRecord, JobStatus
+from server.spec import JobSpec
+
+log = logging.getLogger(__name__)
+STATS_INTERVAL_S = 0.25
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    url: str
+    node_id: str = ""
+    prefix: str = "t2i:"
+    reclaim_idle_ms: int = 60_000
+    max_deliveries: int = 3
+    result_ttl_s: int = 86_400
+    max_connections: int = 64
+    event_maxlen: int = 256
+
+    @classmethod
+    def from_settings(cls, settings) -> "ClusterOptions":
+        return cls(url=settings.backend, node_id=settings.node_id or default_node_id(), prefix=settings.key_prefix,
+                   reclaim_idle_ms=settings.reclaim_idle_ms, max_deliveries=settings.max_deliveries,
+                   result_ttl_s=settings.result_ttl_s, max_connections=settings.redis_max_connections,
+                   event_maxlen=settings.event_stream_maxlen)
+
+
+async def ensure_group(client, keys: Keys) -> None:
+    """Create the queue stream and its consumer group unless they exist (after a Redis restart
+    without persistence they do not: every role recreates them)."""
+    try:
+        await client.xgroup_create(keys.queue, GROUP, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+class RedisEngine:
+    def __init__(self, config: EngineConfig, options: ClusterOptions, metrics=None):
+        self.config = config
+        self.options = options
+        self.metrics = metrics
+        self.keys = Keys(options.prefix)
+        self.redis = connect(options.url, options.max_connections)
+        self._reader = FeedReader(reader_client(options.url), self.keys, options.node_id)
+        self.hub = self._reader.hub
+        self._submit = self.redis.register_script(scripts.SUBMIT)
+        self._cancel = self.redis.register_script(scripts.CANCEL)
+        self._accepting = False
+        self._pending: dict[str, int] = {}  # stats snapshot: job id -> place in the queue
+        self._running = 0
+        self._stats_task: asyncio.Task | None = None
+        self._last_events: OrderedDict[str, str] = OrderedDict()  # job id -> id of its last status event
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await ensure_group(self.redis, self.keys)
+        await self._reader.start(self.redis)
+        self._stats_task = asyncio.create_task(self._refresh_stats(), name="cluster-stats")
+        self._accepting = True
+        log.info("api node %s: serving from %s", self.options.node_id, _redacted(self.options.url))
+
+    async def stop(self, grace_s: float = 30.0) -> None:
+        """Stop accepting work. Jobs live on in Redis and on the workers: nothing to drain here."""
+        if not self._accepting and self._stats_task is None:
+            return
+        self._accepting = False
+        if self._stats_task is not None:
+            self._stats_task.cancel()
+            await asyncio.gather(self._stats_task, return_exceptions=True)
+            self._stats_task = None
+        await self._reader.stop()
+        await self.redis.aclose()
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    # -- submission --------------------------------------------------------------------------
+
+    async def submit(self, spec: JobSpec, *, interest: str, client_id: str | None = None,
+                     owner: str | None = None, subscribe: bool = True) -> Submission:
+        """As ``JobEngine.submit``; dedup, record, enqueue, first event and the client's job list
+        happen in one script, so racing identical submits on any nodes make one job."""
+        if not self._accepting:
+            raise ShuttingDown("the server is shutting down and accepts no new jobs")
+        job_id = scoped_job_id(spec, owner)
+        args = [self.options.prefix, GROUP, job_id, repr(time.time()), _spec_json(spec), owner or "", interest,
+                client_id or "", self.config.max_queue, self.config.max_queue_per_client, self.options.event_maxlen]
+        code, flat, preview = await self._submit(args=args)
+        if code == "full":
+            raise QueueFull(f"the queue is full ({self.config.max_queue} jobs waiting); retry later")
+        if code == "interest_full":
+            raise QueueFull(f"this client already has {self.config.max_queue_per_client} unfinished jobs",
+                            code="client_queue_full")
+        fields = pairs(flat)
+        record = record_from_hash(job_id, fields)
+        self._remember(job_id, fields.get("last_event", "0-0"))
+        if code == "created":
+            log.info("job %s: queued (%s %dx%d, %d steps, n=%d)", job_id[:12], spec.model, spec.width, spec.height,
+                     spec.steps, spec.n)
+        subscriber = self._subscribe(record, fields.get("last_event", "0-0"), pairs(preview)) if subscribe else None
+        return Submission(record, code == "created", subscriber)
+
+    def _subscribe(self, record: JobRecord, after: str, preview: dict[str, str] | None = None) -> Subscriber:
+        """First the record's status, then the latest preview, then live events after both."""
+        subscriber = self.hub.subscribe(record.job_id)
+        subscriber.put(JobEvent(EventKind.STATUS, record.job_id, record=record, event_id=after))
+        if record.status.is_terminal:
+            return subscriber
+        if preview:
+            subscriber.put(preview_event(record.job_id, preview["id"], preview["v"], preview["ts"]))
+            after = max(after, preview["id"], key=_order)
+        self._reader.attach(subscriber, record, after)
+        return subscriber
+
+    def subscribe(self, record: JobRecord) -> Subscriber:
+        """A subscriber for a record read earlier through this engine (``get``/``submit``)."""
+        return self._subscribe(record, self._last_events.get(record.job_id, "0-0"))
+
+    async def subscribe_from(self, job_id: str, last_event_id: str | None, owner: str | None = None) -> Subscriber:
+        """Resume a job's events after ``last_event_id`` (an SSE Last-Event-ID seen on any node):
+        no snapshot, no duplicates; events trimmed from the capped stream meanwhile are skipped."""
+        record = await self.get(job_id, owner)
+        if last_event_id is None:
+            return self._subscribe(record, self._last_events.get(job_id, "0-0"))
+        subscriber = self.hub.subscribe(job_id)
+        self._reader.attach(subscriber, record, last_event_id)  # the stream lives as long as the record
+        return subscriber
+
+    # -- queries -----------------------------------------------------------------------------
+
+    async def get(self, job_id: str, owner: str | None = None) -> JobRecord:
+        fields = await self.redis.hgetall(self.keys.job(job_id))
+        if not fields or (owner is not None and fields.get("owner") != owner):
+            raise JobNotFound(f"no job with id '{job_id}'", param="job_id")
+        self._remember(job_id, fields.get("last_event", "0-0"))
+        return record_from_hash(job_id, fields)
+
+    async def client_jobs(self, client_id: str, owner: str | None = None) -> list[JobRecord]:
+        job_ids = await self.redis.zrevrange(self.keys.client(client_id), 0, 199)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hgetall(self.keys.job(job_id))
+            rows = await pipe.execute()
+        records = [record_from_hash(job_id, row) for job_id, row in zip(job_ids, rows) if row]
+        return [r for r in records if owner is None or r.owner == owner]
+
+    def queue_position(self, job_id: str) -> int | None:
+        return self._pending.get(job_id)
+
+    def counts(self) -> dict[str, int]:
+        counts = {"pending": len(self._pending)} if self._pending else {}
+        if self._running:
+            counts["processing"] = self._running
+        return counts
+
+    async def _refresh_stats(self) -> None:
+        while True:
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.zrange(self.keys.pending, 0, max(0, self.config.max_queue * 4))
+                    pipe.scard(self.keys.running)
+                    pending, running = await pipe.execute()
+                self._pending = {job_id: place for place, job_id in enumerate(pending)}
+                self._running = running
+            except RedisError as exc:
+                log.debug("stats refresh failed: %s", exc)
+            await asyncio.sleep(STATS_INTERVAL_S)
+
+    # -- cancellation ------------------------------------------------------------------------
+
+    async def cancel(self, job_id: str, interest: str, owner: str | None = None) -> tuple[JobRecord, bool]:
+        """As ``JobEngine.cancel``, from any node: a pending job ends at once; a running one is
+        flagged and its worker stops at its next step; a job whose worker looks dead (no progress
+        for the reclaim idle time) ends at once and is never taken over."""
+        await self.get(job_id, owner)
+        code, flat = await self._run_cancel(job_id, interest)
+        if code == "missing":
+            raise JobNotFound(f"no job with id '{job_id}'", param="job_id")
+        record = record_from_hash(job_id, pairs(flat))
+        if code == "not_cancellable":
+            raise JobNotCancellable(f"job is {record.status.value}; only pending or processing jobs can be cancelled",
+                                    param="job_id")
+        if code != "kept":
+            log.info("job %s: cancel requested (%s)", job_id[:12], code)
+        return record, code != "kept"
+
+    async def release(self, job_id: str, interest: str) -> None:
+        """Like ``cancel`` but silent: used when an HTTP client goes away."""
+        try:
+            await self._run_cancel(job_id, interest)
+        except RedisError as exc:
+            log.warning("job %s: could not release interest: %s", job_id[:12], exc)
+
+    async def _run_cancel(self, job_id: str, interest: str) -> tuple[str, list]:
+        args = [self.options.prefix, GROUP, job_id, interest, repr(time.time()), self.options.result_ttl_s,
+                self.options.event_maxlen, self.options.reclaim_idle_ms]
+        code, flat = await self._cancel(args=args)
+        return code, flat
+
+    def _remember(self, job_id: str, event_id: str) -> None:
+        self._last_events[job_id] = event_id
+        self._last_events.move_to_end(job_id)
+        while len(self._last_events) > 10_000:
+            self._last_events.popitem(last=False)
+
+
+def _spec_json(spec: JobSpec) -> str:
+    import json
+
+    return json.dumps(spec.to_dict(), sort_keys=True)
+
+
+def _order(entry_id: str) -> tuple[int, int]:
+    from server.cluster.codec import id_key
+
+    return id_key(entry_id)
+
+
+def _redacted(url: str) -> str:
+    """The URL without a password, for logs."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"

@@ -1,0 +1,292 @@
+"""The worker role: takes jobs from the Redis queue and runs them with the unchanged ``JobRunner``.
+
+``JobRunner`` talks to its engine only through ``_move``, ``_finish``, ``hub.publish``, ``config``
+and ``metrics``; ``RedisWorker`` presents that surface:
+
+- ``_move``/``_finish`` run the fenced MOVE script: a worker whose job was reclaimed, cancelled
+  or finished elsewhere changes nothing and abandons the job (its cancel flag is set).
+- ``hub.publish`` (called on the loop for each step event) feeds a ``StepBuffer`` that keeps only
+  the newest progress and preview; a flusher task writes them with the STEP script, which also
+  heartbeats the queue entry and returns the cancel flag. The GPU thread never waits on Redis.
+
+Delivery: XAUTOCLAIM (entries idle past ``reclaim_idle_ms``: a dead or frozen worker's) first, then
+XREADGROUP. Heartbeats (XCLAIM JUSTID) happen only while the GPU makes progress (a step event since
+the last beat), or while the job is past generation (saving/upscaling), so a hung GPU is reclaimed.
+One job at a time per worker process: a claimed job always has the GPU, so its idle time measures
+its progress, not its wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from redis.exceptions import ConnectionError as RedisConnectionError, RedisError, ResponseError, TimeoutError as RedisTimeout
+
+from server.cluster import scripts
+from server.cluster.codec import GROUP, Keys, connect, pairs, reader_client, record_from_hash, result_json, step_payload
+from server.cluster.redis_engine import ClusterOptions, ensure_group
+from server.engine import ActiveJob, EngineConfig
+from server.events import EventKind, JobEvent
+from server.execution import JobRunner
+from server.jobs import JobRecord, JobStatus
+
+log = logging.getLogger(__name__)
+FENCED_REASON = "taken over by another worker"
+RETRY_FOR_S = 30.0  # a state change is retried this long across a Redis outage
+
+
+class StepBuffer:
+    """Stands in for ``EventHub`` on a worker: bounded and coalescing (newest progress + newest preview)."""
+
+    def __init__(self) -> None:
+        self.progress: JobEvent | None = None
+        self.preview: JobEvent | None = None
+        self.ready = asyncio.Event()
+        self.steps = 0  # step events seen: the heartbeat's evidence of GPU progress
+
+    def publish(self, event: JobEvent) -> None:
+        if event.kind is EventKind.PROGRESS:
+            self.progress = event
+            self.steps += 1
+        elif event.kind is EventKind.PREVIEW:
+            self.preview = event
+        else:
+            return
+        self.ready.set()
+
+    def take(self) -> list[JobEvent]:
+        events = sorted((e for e in (self.progress, self.preview) if e is not None), key=lambda e: e.timestamp)
+        self.progress = self.preview = None
+        self.ready.clear()
+        return events
+
+    def subscriber_count(self, job_id: str | None = None) -> int:
+        return 0
+
+
+class _Claim:
+    def __init__(self, active: ActiveJob, fence: str, msg: str):
+        self.active, self.fence, self.msg = active, fence, msg
+        self.fenced = False
+        self.last_beat = time.monotonic()
+        self.beat_steps = 0
+
+
+class RedisWorker:
+    def __init__(self, config: EngineConfig, options: ClusterOptions, generator, upscaler, metrics=None):
+        self.config = config
+        self.options = options
+        self.metrics = metrics
+        self.keys = Keys(options.prefix)
+        self.redis = connect(options.url, 8)
+        self._blocking = reader_client(options.url)
+        self.hub = StepBuffer()
+        self._claim_script = self.redis.register_script(scripts.CLAIM)
+        self._move_script = self.redis.register_script(scripts.MOVE)
+        self._step_script = self.redis.register_script(scripts.STEP)
+        self._gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
+        self._runner = JobRunner(self, generator, upscaler, self._gpu)
+        self._claim: _Claim | None = None
+        self._flush_lock = asyncio.Lock()
+        self._accepting = False
+        self._task: asyncio.Task | None = None
+        self._job_done = asyncio.Event()
+        self.completed = 0
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    @property
+    def node_id(self) -> str:
+        return self.options.node_id
+
+    def counts(self) -> dict[str, int]:
+        return {"processing": 1} if self._claim is not None else {}
+
+    def queue_position(self, job_id: str) -> int | None:
+        return None
+
+    async def start(self) -> None:
+        self._runner.bind_loop(asyncio.get_running_loop())
+        await ensure_group(self.redis, self.keys)
+        self._accepting = True
+        self._task = asyncio.create_task(self._serve(), name="cluster-worker")
+        log.info("worker %s: taking jobs from %s", self.node_id, self.keys.queue)
+
+    async def stop(self, grace_s: float = 30.0) -> None:
+        """Take no more jobs; let the current one finish within ``grace_s``. A job still running
+        then is left in the queue's pending list, so another worker takes it over."""
+        if self._task is None:
+            return
+        self._accepting = False
+        if self._claim is not None:
+            try:
+                async with asyncio.timeout(grace_s):
+                    while self._claim is not None:
+                        self._job_done.clear()
+                        await self._job_done.wait()
+            except TimeoutError:
+                log.warning("job %s: still running at shutdown; left for another worker", self._claim.active.job_id[:12])
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        self._task = None
+        self._runner.shutdown()
+        self._gpu.shutdown(wait=False, cancel_futures=True)
+        await self._blocking.aclose()
+        await self.redis.aclose()
+
+    # -- taking jobs -------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        backoff = 0.05
+        while self._accepting:
+            try:
+                taken = await self._take()
+                backoff = 0.05
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                log.warning("worker %s: the consumer group is gone (Redis restarted?); recreating it", self.node_id)
+                await self._retry(ensure_group, self.redis, self.keys)
+                continue
+            except (RedisConnectionError, RedisTimeout, OSError) as exc:
+                log.warning("worker %s: redis unavailable (%s); retrying", self.node_id, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(2.0, backoff * 2)
+                continue
+            if taken is not None and self._accepting:
+                await self._run(*taken)
+
+    async def _take(self) -> tuple[str, str] | None:
+        """(queue entry id, job id): a dead worker's entry first, else a new one."""
+        _, claimed, *_ = await self.redis.xautoclaim(self.keys.queue, GROUP, self.node_id,
+                                                     min_idle_time=self.options.reclaim_idle_ms, start_id="0-0", count=1)
+        entries = [entry for entry in claimed if entry and entry[1]]
+        if entries:
+            log.info("worker %s: took over queue entry %s", self.node_id, entries[0][0])
+        else:
+            block = max(100, min(1000, self.options.reclaim_idle_ms // 2))
+            reply = await self._blocking.xreadgroup(GROUP, self.node_id, {self.keys.queue: ">"}, count=1, block=block)
+            entries = [entry for _, items in reply or [] for entry in items if entry and entry[1]]
+        if not entries:
+            return None
+        msg, fields = entries[0]
+        return msg, fields.get("id", "")
+
+    async def _run(self, msg: str, job_id: str) -> None:
+        args = [self.options.prefix, GROUP, job_id, msg, self.node_id, self.options.max_deliveries,
+                repr(time.time()), self.options.result_ttl_s, self.options.event_maxlen]
+        code, flat = await self._retry(self._claim_script, args=args)
+        if code != "run":
+            log.info("job %s: queue entry %s not run (%s)", job_id[:12], msg, code)
+            return
+        fields = pairs(flat)
+        claim = _Claim(ActiveJob(record=record_from_hash(job_id, fields)), fields["fence"], msg)
+        self._claim, self.hub = claim, StepBuffer()
+        log.info("job %s: running on %s (delivery %s)", job_id[:12], self.node_id, fields.get("deliveries"))
+        helpers = [asyncio.create_task(self._flusher(claim)), asyncio.create_task(self._heartbeat(claim))]
+        try:
+            await self._runner.run(claim.active)
+        except Exception:  # the runner handles job errors; this guards the worker itself
+            log.exception("job %s: unexpected error in the job runner", job_id[:12])
+            if not claim.active.record.status.is_terminal:
+                await self._finish(claim.active, JobStatus.FAILED, error="internal server error")
+        finally:
+            for task in helpers:
+                task.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+            self._claim = None
+            self._job_done.set()
+
+    # -- the engine surface JobRunner uses ---------------------------------------------------
+
+    async def _move(self, active: ActiveJob, status: JobStatus, **changes) -> JobRecord:
+        active.record = active.record.moved_to(status, **changes)
+        record, claim = active.record, self._claim
+        if claim is None or claim.active is not active or claim.fenced:
+            return record
+        await self._flush(claim)  # step events go ahead of the status that follows them
+        args = [self.options.prefix, GROUP, active.job_id, self.node_id, claim.fence, status.value,
+                repr(record.updated_at), result_json(record.result), record.error or "",
+                "1" if status.is_terminal else "0", self.options.result_ttl_s, self.options.event_maxlen]
+        code, flag = await self._retry(self._move_script, args=args)
+        if code == "fenced":
+            self._fence_out(claim, f"at {status.value}: the job is {flag or 'gone'}")
+        elif flag == "1":
+            active.cancel_flag.set()
+        return record
+
+    async def _finish(self, active: ActiveJob, status: JobStatus, **changes) -> JobRecord:
+        record = await self._move(active, status, **changes)
+        claim = self._claim
+        if claim is not None and not claim.fenced:
+            self.completed += status is JobStatus.COMPLETED
+            if self.metrics is not None:
+                self.metrics.jobs_finished.labels(status.value).inc()
+            log.info("job %s: %s%s", active.job_id[:12], status.value, f" ({record.error})" if record.error else "")
+        return record
+
+    def _fence_out(self, claim: _Claim, why: str) -> None:
+        claim.fenced = True
+        claim.active.cancel_reason = FENCED_REASON
+        claim.active.cancel_flag.set()  # a frozen worker that woke up stops at its next step
+        log.warning("job %s: fenced out on %s (%s); dropping it", claim.active.job_id[:12], self.node_id, why)
+
+    # -- step events and heartbeat -----------------------------------------------------------
+
+    async def _flusher(self, claim: _Claim) -> None:
+        buffer = self.hub
+        while not claim.fenced:
+            await buffer.ready.wait()
+            await self._flush(claim)
+
+    async def _flush(self, claim: _Claim, beat: bool = False) -> None:
+        async with self._flush_lock:
+            events = self.hub.take()
+            progressed = self.hub.steps != claim.beat_steps
+            due = time.monotonic() - claim.last_beat > self.options.reclaim_idle_ms / 4000
+            beat = beat or (progressed and due)
+            if (not events and not beat) or claim.fenced:
+                return
+            args = [self.options.prefix, GROUP, claim.active.job_id, self.node_id, claim.fence, claim.msg,
+                    self.options.event_maxlen, "1" if beat else "0"]
+            for event in events:
+                args.extend(step_payload(event))
+            try:
+                answer = await self._step_script(args=args)
+            except RedisError as exc:  # step events are best effort; the next flush carries newer ones
+                log.warning("job %s: step events not written: %s", claim.active.job_id[:12], exc)
+                return
+            if beat:
+                claim.last_beat, claim.beat_steps = time.monotonic(), self.hub.steps
+            if answer == 1:
+                claim.active.cancel_flag.set()
+            elif answer == -1:
+                self._fence_out(claim, "at a step")
+
+    async def _heartbeat(self, claim: _Claim) -> None:
+        """Beat between step events: when the GPU made progress since the last beat, or while the
+        job is past generation (saving, upscaling: bounded work off the denoising loop)."""
+        period = self.options.reclaim_idle_ms / 4000
+        while not claim.fenced:
+            await asyncio.sleep(period)
+            progressed = self.hub.steps != claim.beat_steps
+            if progressed or claim.active.record.status is JobStatus.GENERATED:
+                await self._flush(claim, beat=True)
+
+    async def _retry(self, fn, *args, **kwargs):
+        """Run a Redis call, retrying across a short outage (connection errors only)."""
+        deadline = time.monotonic() + RETRY_FOR_S
+        delay = 0.05
+        while True:
+            try:
+                return await fn(*args, **kwargs)
+            except (RedisConnectionError, RedisTimeout, OSError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(1.0, delay * 2)

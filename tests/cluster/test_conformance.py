@@ -1,0 +1,145 @@
+"""The engine interface (queue + job store + events) behaves the same on the single-node SQLite
+default and on the Redis/Valkey backend: the same scenarios, parametrized over the backends."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from contextlib import asynccontextmanager
+
+import pytest
+
+from server.engine import EngineConfig, JobEngine
+from server.errors import JobNotCancellable
+from server.events import EventKind
+from server.fake_generator import FakeGenerator, FakeUpscaler
+from server.jobs import JobStatus
+from server.profiles import get_profile
+from server.spec import Limits, SpecInput, normalize
+from server.store import SQLiteJobStore
+from tests.cluster.conftest import KVServer
+
+TIMEOUT = 10
+
+
+def spec(prompt: str, steps: int = 4, seed: int = 1):
+    return normalize(SpecInput(prompt=prompt, model="tiny-z-image", width=64, height=64, steps=steps, seed=seed),
+                     get_profile("tiny-z-image"), Limits())
+
+
+@asynccontextmanager
+async def engine_for(backend: str, tmp_path, generator):
+    config = EngineConfig(output_dir=tmp_path / "out", max_in_flight=1, max_queue=8, max_queue_per_client=4)
+    config.output_dir.mkdir(parents=True, exist_ok=True)
+    if backend == "sqlite":
+        store = await SQLiteJobStore(tmp_path / "jobs.sqlite3").open()
+        engine = JobEngine(config, generator, FakeUpscaler(), store)
+        await engine.start()
+        try:
+            yield engine
+        finally:
+            await engine.stop(2)
+            await store.close()
+        return
+    from server.cluster.redis_engine import ClusterOptions, RedisEngine
+    from server.cluster.redis_worker import RedisWorker
+
+    kv = KVServer(backend, tmp_path / "kv").start()
+    engine = RedisEngine(config, ClusterOptions(url=kv.url, node_id="api", reclaim_idle_ms=2000))
+    worker = RedisWorker(config, ClusterOptions(url=kv.url, node_id="worker", reclaim_idle_ms=2000), generator,
+                         FakeUpscaler())
+    await engine.start()
+    await worker.start()
+    try:
+        yield engine
+    finally:
+        await worker.stop(2)
+        await engine.stop(2)
+        kv.stop()
+
+
+BACKENDS = ["sqlite", "redis", "valkey"]
+
+
+async def until_terminal(subscriber):
+    kinds = []
+    async with asyncio.timeout(TIMEOUT):
+        async for event in subscriber:
+            kinds.append(event.record.status.value if event.kind is EventKind.STATUS else event.kind.value)
+            if event.is_terminal:
+                subscriber.close()
+                return kinds, event.record
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_job_lifecycle_events_and_cached_resubmission(backend, tmp_path):
+    async def scenario():
+        async with engine_for(backend, tmp_path, FakeGenerator(step_s=0.01)) as engine:
+            submission = await engine.submit(spec("lifecycle"), interest="a", client_id="c1")
+            assert submission.created and submission.record.status is JobStatus.PENDING
+            kinds, record = await until_terminal(submission.subscriber)
+            assert kinds[0] == "pending" and kinds[-1] == "completed" and "processing" in kinds
+            assert "progress" in kinds and "preview" in kinds
+            assert kinds.index("processing") < kinds.index("progress")
+            assert record.result.images and (tmp_path / "out" / record.result.images[0].filename).is_file()
+            again = await engine.submit(spec("lifecycle"), interest="b")
+            assert not again.created and again.record.status is JobStatus.COMPLETED
+            first = await again.subscriber.get(TIMEOUT)
+            assert first.is_terminal
+            again.subscriber.close()
+            assert [r.job_id for r in await engine.client_jobs("c1")] == [record.job_id]
+            assert (await engine.get(record.job_id)).status is JobStatus.COMPLETED
+            with pytest.raises(JobNotCancellable):
+                await engine.cancel(record.job_id, "a")
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_concurrent_identical_submits_are_one_job(backend, tmp_path):
+    async def scenario():
+        generator = FakeGenerator(step_s=0.01)
+        async with engine_for(backend, tmp_path, generator) as engine:
+            submissions = await asyncio.gather(*(engine.submit(spec("same"), interest=f"i{n}") for n in range(20)))
+            assert sum(s.created for s in submissions) == 1
+            records = [(await until_terminal(s.subscriber))[1] for s in submissions]
+            assert {r.status for r in records} == {JobStatus.COMPLETED}
+            assert len(generator.calls) == 1
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cancel_needs_every_interest_and_a_cancelled_job_runs_again(backend, tmp_path):
+    async def scenario():
+        gate = threading.Event()
+        generator = FakeGenerator(gate=gate)
+        async with engine_for(backend, tmp_path, generator) as engine:
+            blocker = await engine.submit(spec("blocker"), interest="x")
+            target = await engine.submit(spec("target"), interest="a")
+            await engine.submit(spec("target"), interest="b", subscribe=False)
+            record, cancelled = await engine.cancel(target.record.job_id, "a")
+            assert not cancelled and record.status is JobStatus.PENDING
+            record, cancelled = await engine.cancel(target.record.job_id, "b")
+            assert cancelled
+            kinds, final = await until_terminal(target.subscriber)
+            assert kinds == ["pending", "cancelled"]
+            gate.set()
+            assert (await until_terminal(blocker.subscriber))[1].status is JobStatus.COMPLETED
+            rerun = await engine.submit(spec("target"), interest="c")
+            assert rerun.created and rerun.record.attempt == 2
+            assert (await until_terminal(rerun.subscriber))[1].status is JobStatus.COMPLETED
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cancel_of_a_running_job_stops_it_at_a_step(backend, tmp_path):
+    async def scenario():
+        async with engine_for(backend, tmp_path, FakeGenerator(step_s=0.02)) as engine:
+            submission = await engine.submit(spec("long", steps=100), interest="a")
+            async with asyncio.timeout(TIMEOUT):
+                while (await submission.subscriber.get()).kind is not EventKind.PROGRESS:
+                    pass
+            record, cancelled = await engine.cancel(submission.record.job_id, "a")
+            assert cancelled
+            kinds, final = await until_terminal(submission.subscriber)
+            assert final.status is JobStatus.CANCELLED and kinds.count("progress") < 90
+    asyncio.run(scenario())
