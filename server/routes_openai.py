@@ -261,6 +261,9 @@ async def _withdraw(request: Request, subscriber: Subscriber, job_id: str, inter
 
 
 def install(app: FastAPI) -> None:
+    from server import sse_resume  # it builds on this module's delivery helpers
+
     install_error_handlers(app)
     document_errors(app)
     app.include_router(router)
+    app.include_router(sse_resume.router)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
 Quality = Literal["auto", "low", "medium", "high", "xhigh", "max", "standard", "hd"]
 OutputFormat = Literal["png", "jpeg", "webp"]
@@ -19,7 +19,8 @@ class ImageGenerationRequest(BaseModel):
     """``POST /v1/images/generations``: the OpenAI fields plus this server's extensions.
 
     Unknown fields are ignored (newer SDKs send fields this server does not know) and ``null``
-    means "the default" for every field, as the official SDK sends ``None`` as ``null``.
+    means "the default" for every field, as the official SDK sends ``None`` as ``null``. Numbers
+    and booleans are strict, as the schema says: ``true`` is not a guidance scale, ``"4"`` not an n.
 
     - ``size``: ``"WxH"`` or ``"auto"`` (the model's default size); the bounds are the model's.
     - ``response_format``: ``b64_json`` (default) or ``url``: an absolute URL of the stored PNG
@@ -42,24 +43,24 @@ class ImageGenerationRequest(BaseModel):
 
     prompt: str = Field(description="What to draw; required, non-empty.")
     model: str | None = Field(None, description="A served model id or an alias such as gpt-image-1; null: the default.")
-    n: int | None = Field(None, ge=1, description="Images to generate: 1 up to the server's max_n (4 unless configured).")
+    n: StrictInt | None = Field(None, ge=1, description="Images to generate: 1 up to the server's max_n (4 unless configured).")
     size: str | None = Field(None, description='"WxH" (e.g. "512x512") or "auto".')
     response_format: Literal["b64_json", "url"] | None = None
     output_format: OutputFormat | None = None
-    output_compression: int | None = Field(None, ge=0, le=100, description="jpeg/webp quality; 100 = best.")
+    output_compression: StrictInt | None = Field(None, ge=0, le=100, description="jpeg/webp quality; 100 = best.")
     quality: Quality | None = Field(None, description="Echoed back; does not change generation.")
     background: Literal["transparent", "opaque", "auto"] | None = None
     moderation: str | None = None  # accepted for compatibility; there is no moderation here
     style: str | None = None  # dall-e-3 only upstream; ignored
     user: str | None = None
-    stream: bool | None = None
-    partial_images: int | None = Field(None, ge=0, le=3)
+    stream: StrictBool | None = None
+    partial_images: StrictInt | None = Field(None, ge=0, le=3)
     # -- extensions ---------------------------------------------------------------------------
     negative_prompt: str | None = None
-    guidance_scale: float | None = None
-    num_inference_steps: int | None = Field(None, ge=1)
-    seed: int | None = Field(None, ge=0, description="Fixes the images; equal requests are one cached job.")
-    upscale: bool | None = Field(None, description="Also produce the Real-ESRGAN x4 image.")
+    guidance_scale: StrictFloat | None = None
+    num_inference_steps: StrictInt | None = Field(None, ge=1)
+    seed: StrictInt | None = Field(None, ge=0, description="Fixes the images; equal requests are one cached job.")
+    upscale: StrictBool | None = Field(None, description="Also produce the Real-ESRGAN x4 image.")
     model_type: str | None = Field(None, description="Weight variant, e.g. uint4 or int8 for z-image-turbo.")
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Union, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 from pydantic_core import PydanticUndefined
 
 from server.events import PreviewImage
@@ -50,13 +50,14 @@ class CreateJobParams(_Message):
     negative_prompt: str | None = None
     model: str | None = None
     model_type: str | None = None
-    width: int | None = None
-    height: int | None = None
-    steps: int | None = None
-    guidance_scale: float | None = None
-    seed: int | None = PROTOCOL_SEED  # an explicit null asks for a random seed
-    upscale: bool = True
-    preview: bool = False  # not part of the job: it only says whether this client wants previews
+    # Strict, as over HTTP: ``true`` is not a guidance scale and ``"4"`` is not a step count.
+    width: StrictInt | None = None
+    height: StrictInt | None = None
+    steps: StrictInt | None = None
+    guidance_scale: StrictFloat | None = None
+    seed: StrictInt | None = PROTOCOL_SEED  # an explicit null asks for a random seed
+    upscale: StrictBool = True
+    preview: StrictBool = False  # not part of the job: it only says whether this client wants previews
 
 
 class CreateJob(_Message):

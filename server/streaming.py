@@ -13,6 +13,9 @@ releasing the job). Wire shapes are the pydantic models of ``schemas_openai``.
   For n > 1 every event also carries ``image_index``; ``partial_image_index`` counts per image.
 - An error after the 200: one ``event: error`` whose data has a truthy ``error`` object (the SDK
   raises ``openai.APIError``), then the stream ends. Heartbeats are SSE comments (``: ping``).
+- Event ids: with the Redis backend every job event has an id (its entry in the job's stream), sent
+  as the SSE ``id:`` of the last SSE event it became; ``GET /v1/images/jobs/{id}/events`` with
+  ``Last-Event-ID`` resumes after it on any API node (``server.sse_resume``).
 """
 
 from __future__ import annotations
@@ -72,6 +75,8 @@ class JsonEvent(ServerSentEvent):
 
     def encode(self) -> bytes:
         head = f"event: {self.event}{self._sep}" if self.event is not None else ""
+        if self.id is not None:  # same line and order as ServerSentEvent.encode (ids never hold newlines)
+            head = f"id: {self.id}{self._sep}{head}"
         return f"{head}data: {self.data}{self._sep}{self._sep}".encode()
 
 
@@ -182,6 +187,15 @@ class OpenAIDialect:
 Dialect = StepDialect | OpenAIDialect
 
 
+def with_event_id(items: list[ServerSentEvent], event_id: str | None) -> list[ServerSentEvent]:
+    """Put the job event's id (``JobEvent.event_id``, set by the Redis backend) on the LAST SSE event
+    it became: a client that resumes with ``Last-Event-ID`` then gets again a job event whose SSE
+    events it did not all receive (e.g. the final images of n > 1), and never one it did."""
+    if items and event_id is not None:
+        items[-1].id = event_id
+    return items
+
+
 async def job_events(subscriber: Subscriber, dialect: Dialect,
                      load_final: Callable[[JobRecord], Awaitable[list[FinalImage]]],
                      failure: Callable[[JobRecord], ServerError]) -> AsyncIterator[ServerSentEvent]:
@@ -193,15 +207,16 @@ async def job_events(subscriber: Subscriber, dialect: Dialect,
     try:
         async for event in subscriber:
             if event.kind is EventKind.PREVIEW and event.preview is not None:
-                for item in await dialect.preview(event.preview, event.timestamp):
+                for item in with_event_id(await dialect.preview(event.preview, event.timestamp), event.event_id):
                     yield item
             elif event.is_terminal:
                 record = event.record
                 if record.status is JobStatus.COMPLETED:
-                    for item in dialect.completed(await load_final(record)):
-                        yield item
+                    items = dialect.completed(await load_final(record))
                 else:
-                    yield error_event(error_body(failure(record)))
+                    items = [error_event(error_body(failure(record)))]
+                for item in with_event_id(items, event.event_id):
+                    yield item
                 return
     except ServerError as exc:
         log.warning("job %s: stream ended with an error: %s", subscriber.job_id[:12], exc.message)

@@ -36,7 +36,7 @@ import asyncio
 import json
 import logging
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable
@@ -57,6 +57,7 @@ CLOSE_TOO_SLOW = 4408
 CLOSE_TOO_MANY = 4429
 
 MAX_OUTBOX = 512  # messages waiting for one connection
+MAX_SEEN_JOBS = 1024  # per connection
 BACKLOG = {"progress": 8, "preview": 2}  # unsent ones per job before coalescing (previews are big)
 MAX_CONNECTIONS_PER_CLIENT = 16
 SESSION_TTL_S = 600.0
@@ -96,7 +97,9 @@ class Connection:
         self.on_sent: Callable[[str, StatusKey], None] | None = None
         self._outbox: deque[_Slot] = deque()
         self._coalescing: dict[tuple[str, str], deque[_Slot]] = {}  # (kind, job_id) -> unsent slots
-        self._seen: dict[str, StatusKey] = {}  # job_id -> newest status enqueued
+        # job_id -> newest status enqueued; an LRU so a long-lived connection stays bounded (an
+        # evicted job can at worst see one repeated status, which clients treat as idempotent).
+        self._seen: OrderedDict[str, StatusKey] = OrderedDict()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -123,6 +126,9 @@ class Connection:
             return True
         if seen is None or key > seen:
             self._seen[record.job_id] = key
+            self._seen.move_to_end(record.job_id)
+            if len(self._seen) > MAX_SEEN_JOBS:
+                self._seen.popitem(last=False)
         self._coalescing.pop(("progress", record.job_id), None)  # later progress goes after it
         self._coalescing.pop(("preview", record.job_id), None)
         return self._append(_Slot(payload, record.job_id, key))

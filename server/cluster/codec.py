@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import socket
 from dataclasses import asdict, dataclass, replace
@@ -15,23 +16,31 @@ from server.spec import JobSpec
 GROUP = "workers"
 
 
-def connect(url: str, max_connections: int, timeout_s: float = 10.0):
+def connect(url: str, max_connections: int, timeout_s: float = 10.0, name: str | None = None):
     """An asyncio client over a BlockingConnectionPool: under load callers wait for a connection
-    instead of failing at once (a plain pool raises as soon as ``max_connections`` are in use)."""
+    instead of failing at once (a plain pool raises as soon as ``max_connections`` are in use).
+    ``name`` (see ``client_name``) labels its connections in ``CLIENT LIST``."""
     import redis.asyncio as redis
 
     pool = redis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=timeout_s,
-                                                 decode_responses=True, health_check_interval=30)
+                                                 decode_responses=True, health_check_interval=30, client_name=name)
     return redis.Redis(connection_pool=pool)
 
 
-def reader_client(url: str):
+def reader_client(url: str, name: str | None = None):
     """A client with one connection of its own for blocking reads (XREAD BLOCK / XREADGROUP BLOCK):
     a blocked read must never hold a connection that request handlers wait for."""
     import redis.asyncio as redis
 
-    pool = redis.BlockingConnectionPool.from_url(url, max_connections=1, timeout=30, decode_responses=True)
+    pool = redis.BlockingConnectionPool.from_url(url, max_connections=1, timeout=30, decode_responses=True,
+                                                 client_name=name)
     return redis.Redis(connection_pool=pool)
+
+
+def client_name(role: str, node_id: str) -> str:
+    """``t2i-{role}-{node id}``: which node holds a connection, for operators (``CLIENT LIST``) and
+    the leak tests. CLIENT SETNAME refuses spaces and odd characters, so those become ``_``."""
+    return re.sub(r"[^A-Za-z0-9_.:-]", "_", f"t2i-{role}-{node_id}")[:120]
 
 
 def default_node_id() -> str:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from redis.exceptions import RedisError, ResponseError
 
 from server.cluster import scripts
-from server.cluster.codec import GROUP, Keys, connect, default_node_id, pairs, preview_event, reader_client, record_from_hash
+from server.cluster.codec import GROUP, Keys, client_name, connect, default_node_id, pairs, preview_event, reader_client, record_from_hash
 from server.cluster.streams import FeedReader
 from server.engine import EngineConfig, Submission, scoped_job_id
 from server.errors import JobNotCancellable, JobNotFound, QueueFull, ShuttingDown
@@ -70,8 +70,9 @@ class RedisEngine:
         self.options = options
         self.metrics = metrics
         self.keys = Keys(options.prefix)
-        self.redis = connect(options.url, options.max_connections)
-        self._reader = FeedReader(reader_client(options.url), self.keys, options.node_id)
+        name = client_name("api", options.node_id)
+        self.redis = connect(options.url, options.max_connections, name=name)
+        self._reader = FeedReader(reader_client(options.url, name), self.keys, options.node_id)
         self.hub = self._reader.hub
         self._submit = self.redis.register_script(scripts.SUBMIT)
         self._cancel = self.redis.register_script(scripts.CANCEL)
@@ -152,9 +153,15 @@ class RedisEngine:
         """Resume a job's events after ``last_event_id`` (an SSE Last-Event-ID seen on any node):
         no snapshot, no duplicates; events trimmed from the capped stream meanwhile are skipped."""
         record = await self.get(job_id, owner)
+        last_status = self._last_events.get(job_id, "0-0")
         if last_event_id is None:
-            return self._subscribe(record, self._last_events.get(job_id, "0-0"))
+            return self._subscribe(record, last_status)
         subscriber = self.hub.subscribe(job_id)
+        if record.status.is_terminal and _order(last_event_id) >= _order(last_status):
+            # The client saw the end already (or sends an id from nowhere): the final events again,
+            # rather than a stream that never ends.
+            subscriber.put(JobEvent(EventKind.STATUS, job_id, record=record, event_id=last_status))
+            return subscriber
         self._reader.attach(subscriber, record, last_event_id)  # the stream lives as long as the record
         return subscriber
 

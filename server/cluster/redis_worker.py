@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from redis.exceptions import ConnectionError as RedisConnectionError, RedisError, ResponseError, TimeoutError as RedisTimeout
 
 from server.cluster import scripts
-from server.cluster.codec import GROUP, Keys, connect, pairs, reader_client, record_from_hash, result_json, step_payload
+from server.cluster.codec import GROUP, Keys, client_name, connect, pairs, reader_client, record_from_hash, result_json, step_payload
 from server.cluster.redis_engine import ClusterOptions, ensure_group
 from server.engine import ActiveJob, EngineConfig
 from server.events import EventKind, JobEvent
@@ -81,8 +81,9 @@ class RedisWorker:
         self.options = options
         self.metrics = metrics
         self.keys = Keys(options.prefix)
-        self.redis = connect(options.url, 8)
-        self._blocking = reader_client(options.url)
+        name = client_name("worker", options.node_id)
+        self.redis = connect(options.url, 8, name=name)
+        self._blocking = reader_client(options.url, name)
         self.hub = StepBuffer()
         self._claim_script = self.redis.register_script(scripts.CLAIM)
         self._move_script = self.redis.register_script(scripts.MOVE)

@@ -1,6 +1,6 @@
-"""Worker failures over real Redis with real API and worker processes: a killed worker's job is
-reclaimed and completed once, a frozen worker is fenced, a healthy long job is never reclaimed, a
-job that kills workers ends failed while others flow."""
+"""Worker failures with real API and worker processes, each scenario over Redis and over Valkey: a
+killed worker's job is reclaimed and completed once, a frozen worker is fenced, a healthy long job
+is never reclaimed, a job that kills workers ends failed while others flow."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ def owner_of(cluster_procs, client, job_id):
     return next(p for p in cluster_procs if p.node_id == node)
 
 
-def test_killed_worker_job_is_reclaimed_within_the_idle_bound_and_completed_once(redis_kv, cluster_factory):
-    cluster = cluster_factory(redis_kv)
+def test_killed_worker_job_is_reclaimed_within_the_idle_bound_and_completed_once(kv, cluster_factory):
+    cluster = cluster_factory(kv)
     api, *workers = cluster.start(("api", "api-1"), ("worker", "w-1"), ("worker", "w-2"))
-    client = redis_kv.client()
+    client = kv.client()
     payload = body("killed worker", steps=30)  # 1.5 s of steps
     job_id = job_id_of(payload)
     response = post_in_background(api.url, payload)
@@ -42,10 +42,10 @@ def test_killed_worker_job_is_reclaimed_within_the_idle_bound_and_completed_once
     assert httpx.get(survivor.url + "/health").json()["completed"] == 1
 
 
-def test_frozen_worker_woken_after_reclaim_is_fenced_out(redis_kv, cluster_factory):
-    cluster = cluster_factory(redis_kv)
+def test_frozen_worker_woken_after_reclaim_is_fenced_out(kv, cluster_factory):
+    cluster = cluster_factory(kv)
     api, *workers = cluster.start(("api", "api-1"), ("worker", "w-1"), ("worker", "w-2"))
-    client = redis_kv.client()
+    client = kv.client()
     payload = body("frozen worker", steps=30)
     job_id = job_id_of(payload)
     response = post_in_background(api.url, payload)
@@ -80,10 +80,10 @@ def wait_status_after(client, job_id, status, nth, timeout=15.0):
     return False
 
 
-def test_healthy_long_job_is_never_reclaimed(redis_kv, cluster_factory):
-    cluster = cluster_factory(redis_kv, step_s=0.1)
+def test_healthy_long_job_is_never_reclaimed(kv, cluster_factory):
+    cluster = cluster_factory(kv, step_s=0.1)
     api, *workers = cluster.start(("api", "api-1"), ("worker", "w-1"), ("worker", "w-2"))
-    client = redis_kv.client()
+    client = kv.client()
     payload = body("long healthy job", steps=40)  # 4 s: well past the 1.5 s idle bound
     job_id = job_id_of(payload)
     result = post_in_background(api.url, payload).result(30)
@@ -93,10 +93,10 @@ def test_healthy_long_job_is_never_reclaimed(redis_kv, cluster_factory):
     assert sum(httpx.get(w.url + "/health").json()["completed"] for w in workers) == 1
 
 
-def test_poison_job_ends_failed_after_bounded_deliveries_while_others_flow(redis_kv, cluster_factory):
-    cluster = cluster_factory(redis_kv, max_deliveries=2)
+def test_poison_job_ends_failed_after_bounded_deliveries_while_others_flow(kv, cluster_factory):
+    cluster = cluster_factory(kv, max_deliveries=2)
     api, *workers = cluster.start(("api", "api-1"), ("worker", "w-1"), ("worker", "w-2"), ("worker", "w-3"))
-    client = redis_kv.client()
+    client = kv.client()
     poison = body("crash:worker poison", steps=10)
     poison_id = job_id_of(poison)
     poisoned = post_in_background(api.url, poison)

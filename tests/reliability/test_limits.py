@@ -29,6 +29,10 @@ HTTP_LIMITS = [
     ({"prompt": "ok", "n": 5}, "n", "between 1 and 4"),
     ({"prompt": "ok", "seed": -1}, "seed", "greater than or equal to 0"),
     ({"prompt": "ok", "guidance_scale": 31}, "guidance_scale", "between 0 and 30"),
+    # Strict types (found by schemathesis): no silent bool/str coercion into numbers.
+    ({"prompt": "ok", "guidance_scale": True}, "guidance_scale", "valid number"),
+    ({"prompt": "ok", "n": "2"}, "n", "valid integer"),
+    ({"prompt": "ok", "num_inference_steps": True}, "num_inference_steps", "valid integer"),
 ]
 WS_LIMITS = [
     ({"prompt": "x" * 4001}, "prompt", "4000 characters"),
