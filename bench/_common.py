@@ -182,6 +182,7 @@ class ThreadServer:
 class SSEResult:
     sent_at: float = 0.0
     headers_at: float = 0.0
+    first_body_at: float = 0.0  # the first body bytes (an SSE comment or event) after the headers
     status: int = 0
     events: list[tuple[float, str, str]] = field(default_factory=list)  # (received_at, event name, data)
     done_at: float = 0.0
@@ -192,7 +193,7 @@ class SSEResult:
 
 
 async def sse_post(host: str, port: int, path: str, body: dict, *, until_headers: bool = False,
-                   stop_after_first_event: bool = False) -> SSEResult:
+                   until_first_body: bool = False, stop_after_first_event: bool = False) -> SSEResult:
     """POST ``body`` and read the SSE response to its end, stamping each event with its arrival time."""
     payload = json.dumps(body).encode()
     conn = h11.Connection(h11.CLIENT)
@@ -220,6 +221,9 @@ async def sse_post(host: str, port: int, path: str, body: dict, *, until_headers
                 if until_headers:
                     break
             elif isinstance(event, h11.Data):
+                result.first_body_at = result.first_body_at or now
+                if until_first_body:
+                    break
                 text = event.data.decode()
                 boundary = "\n\n" in text or (pieces and pieces[-1].endswith("\n") and text.startswith("\n"))
                 pieces.append(text)

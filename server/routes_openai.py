@@ -18,6 +18,7 @@ import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
 from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
 
 from server import files
 from server.auth import require_owner
@@ -175,6 +176,14 @@ def stream_response(request: Request, plan: Plan, subscriber: Subscriber, intere
     async def load(record: JobRecord) -> list[FinalImage]:
         return await final_images(state.settings, record, plan.output_format, plan.compression)
 
+    withdrawn = False
+
+    async def withdraw_once() -> None:
+        nonlocal withdrawn
+        if not withdrawn:
+            withdrawn = True
+            await _withdraw(request, subscriber, job_id, interest)
+
     async def events():
         state.metrics.sse_streams.inc()
         try:
@@ -182,10 +191,13 @@ def stream_response(request: Request, plan: Plan, subscriber: Subscriber, intere
                 yield item
         finally:  # normal end, error, or the client went away (cancellation lands here)
             state.metrics.sse_streams.dec()
-            await _withdraw(request, subscriber, job_id, interest)
+            await withdraw_once()
 
+    # The background task covers a client that left before the generator ever started: its
+    # ``finally`` would never run, leaving the subscriber attached and the job wanted by nobody.
     return EventSourceResponse(events(), ping=state.settings.sse_ping_s, ping_message_factory=ping_event,
-                               headers={"Cache-Control": "no-cache"}, sep="\n")
+                               headers={"Cache-Control": "no-cache"}, sep="\n",
+                               background=BackgroundTask(withdraw_once))
 
 
 async def images_response(request: Request, plan: Plan, record: JobRecord) -> ImagesResponse:

@@ -31,6 +31,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response
 from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
 
 from server.auth import require_owner
 from server.errors import InvalidRequest
@@ -86,5 +87,7 @@ async def resume_job_events(job_id: str, request: Request,
             state.metrics.sse_streams.dec()
             subscriber.close()
 
+    # ``close`` is idempotent; the background task covers a client gone before the generator started.
     return EventSourceResponse(events(), ping=state.settings.sse_ping_s, ping_message_factory=ping_event,
-                               headers={"Cache-Control": "no-cache"}, sep="\n")
+                               headers={"Cache-Control": "no-cache"}, sep="\n",
+                               background=BackgroundTask(subscriber.close))

@@ -204,6 +204,9 @@ async def job_events(subscriber: Subscriber, dialect: Dialect,
     Progress events are not sent (previews carry the progress); the terminal status decides
     between the final events and one in-band error. The caller closes the subscriber.
     """
+    # First bytes at once, even while the job waits for the GPU: a comment, which every SSE client
+    # skips, so neither dialect's events change (issue #7, time to first byte).
+    yield ServerSentEvent(comment=f"job {subscriber.job_id}", sep=SEP)
     try:
         async for event in subscriber:
             if event.kind is EventKind.PREVIEW and event.preview is not None:

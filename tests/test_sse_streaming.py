@@ -176,14 +176,15 @@ def test_heartbeats_are_comments(serve):
     comments: list[str] = []
     with httpx.stream("POST", server.url + PATH, json=body, timeout=30) as response:
         lines = response.iter_lines()
-        while len(comments) < 2:  # the job is held: only heartbeats can arrive
+        while len(comments) < 3:  # the job is held: only the opening comment and heartbeats arrive
             line = next(lines)
             assert line == "" or line.startswith(":"), line
             if line:
                 comments.append(line)
         gate.open()
         events = list(sse_events(response, comments, lines))
-    assert comments[:2] == [": ping", ": ping"] and all(c == ": ping" for c in comments)
+    assert comments[0].startswith(": job ")  # sent at once, before the job reaches the GPU
+    assert comments[1:3] == [": ping", ": ping"] and all(c == ": ping" for c in comments[1:])
     assert events[-1]["data"] == "[DONE]" and json.loads(events[-2]["data"])["is_final"] is True
 
 
