@@ -36,7 +36,6 @@ from server import files  # noqa: E402
 from server.app import NO_UPSCALER, create_app  # noqa: E402
 from server.config import Settings  # noqa: E402
 from server.fake_generator import FakeGenerator  # noqa: E402
-from server.generation import StepUpdate  # noqa: E402
 from server.model import DiffusersGenerator  # noqa: E402
 
 PROMPT = "a lighthouse at dusk"

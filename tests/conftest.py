@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import os
 import socket
 import threading
@@ -146,3 +147,14 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def http_get(server, raw_path: str) -> tuple[int, dict, bytes]:
+    """GET with the path sent byte for byte (no client-side normalization of dots or escapes)."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10.0)
+    try:
+        conn.request("GET", raw_path)
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()

@@ -1,5 +1,5 @@
 """The WebSocket job protocol (``WS /api/ws``) against a real uvicorn server and a real
-``websockets`` client, plus the image and health routes it relies on.
+``websockets`` client. (The image route: test_routes_misc.py; the outbox: test_ws_sessions.py.)
 
 Waiting is always on a message (``recv`` with a timeout) or on an engine event, never a sleep.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import http.client
 import json
 import re
 import threading
@@ -21,9 +20,8 @@ from websockets.exceptions import ConnectionClosed
 
 from server.app import create_app
 from server.fake_generator import FakeGenerator, FakeUpscaler
-from server.jobs import JobStatus
-from server.ws_sessions import BACKLOG, CLOSE_UNAUTHORIZED, Connection, ConnState
-from tests.conftest import LiveServer, make_settings
+from server.ws_sessions import CLOSE_UNAUTHORIZED
+from tests.conftest import LiveServer, http_get, make_settings
 
 MMSS = re.compile(r"^\d{2,}:\d{2}$")
 SPEED = re.compile(r"^\d+\.\d{2}(s/it|it/s)$")
@@ -128,17 +126,6 @@ async def _terminal(engine, job_id: str) -> str:
 def wait_terminal(server, job_id: str) -> str:
     """Block until the job is finished (an engine event, not a poll); its final status."""
     return server.call(_terminal(server.engine, job_id))
-
-
-def http_get(server, raw_path: str) -> tuple[int, dict, bytes]:
-    """GET with the path sent byte for byte (no client-side normalization of dots or escapes)."""
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=TIMEOUT)
-    try:
-        conn.request("GET", raw_path)
-        response = conn.getresponse()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-    finally:
-        conn.close()
 
 
 # -- the happy path -------------------------------------------------------------------------------
@@ -409,54 +396,6 @@ def test_upscale_failure_still_completes_with_the_original_image(tmp_path):
         assert http_get(server, result["path"])[0] == 200
 
 
-class StuckSocket:
-    """A peer that does not read until ``release`` is set."""
-
-    def __init__(self, expected: int):
-        self.sent, self.expected = [], expected
-        self.entered, self.release, self.done = asyncio.Event(), asyncio.Event(), asyncio.Event()
-
-    async def send_text(self, text):
-        self.entered.set()
-        await self.release.wait()
-        self.sent.append(json.loads(text))
-        if len(self.sent) == self.expected:
-            self.done.set()
-
-
-class Record:
-    """The fields of a JobRecord that ordering of status messages looks at."""
-
-    def __init__(self, status: str, at: float):
-        self.job_id, self.status, self.attempt, self.updated_at = "j", JobStatus(status), 1, at
-
-
-def test_slow_connection_coalesces_progress_but_keeps_every_status():
-    async def body():
-        socket = StuckSocket(expected=12)
-        conn = Connection(socket)
-        conn.open()
-        conn.push({"type": "first"})
-        await socket.entered.wait()  # the sender holds "first" and is blocked on the peer
-        for step in range(1, 101):
-            conn.push_coalesced("progress", "j", {"type": "job_progress", "step": step})
-        conn.push_status(Record("generated", 2.0), {"type": "job_status", "status": "generated"})
-        conn.push_coalesced("progress", "j", {"type": "job_progress", "step": 101})
-        conn.push_status(Record("processing", 1.0), {"type": "job_status", "status": "processing"})  # stale
-        conn.push_status(Record("completed", 3.0), {"type": "job_status", "status": "completed"})
-        queued = len(conn._outbox)
-        socket.release.set()
-        await asyncio.wait_for(socket.done.wait(), TIMEOUT)
-        await conn.stop()
-        return socket.sent, queued, conn.state
-
-    sent, queued, state = run(body())
-    assert queued == BACKLOG["progress"] + 3  # 101 progress updates took 9 slots; the stale status none
-    steps = [m.get("step", m.get("status")) for m in sent]
-    assert steps == [None, 1, 2, 3, 4, 5, 6, 7, 100, "generated", 101, "completed"]
-    assert state is ConnState.CLOSED
-
-
 # -- API keys -------------------------------------------------------------------------------------
 
 def test_api_keys_gate_the_socket_and_scope_jobs(tmp_path):
@@ -484,38 +423,6 @@ def test_api_keys_gate_the_socket_and_scope_jobs(tmp_path):
             assert code == CLOSE_UNAUTHORIZED == 4401
         assert listed["jobs"] == []
         assert hidden["type"] == "error" and hidden["code"] == "job_not_found"
-
-
-# -- image and health routes ----------------------------------------------------------------------
-
-TRAVERSALS = [
-    "..%2F..%2Fetc%2Fpasswd",
-    "%2e%2e%2f%2e%2e%2fetc%2fpasswd",
-    "%252e%252e%252fetc%252fpasswd",
-    "%2Fetc%2Fpasswd",
-    "..%5C..%5Cetc%5Cpasswd",
-    "..\\..\\etc\\passwd",
-    "jobs.sqlite3",
-    "jobs.sqlite3-wal",
-    "escape.png",
-    "missing.png",
-]
-
-
-def test_image_route_refuses_traversal(fake_server, tmp_path):
-    outputs = fake_server.app.state.settings.output_dir
-    outside = tmp_path / "secret.png"
-    outside.write_bytes(b"\x89PNG not yours")
-    (outputs / "escape.png").symlink_to(outside)
-    for name in TRAVERSALS:
-        status, _, data = http_get(fake_server, f"/api/image/{name}")
-        assert status == 404, (name, status)
-        assert b"not yours" not in data and b"root:" not in data and b"SQLite" not in data
-
-
-def test_health(fake_server):
-    status, headers, data = http_get(fake_server, "/api/health")
-    assert status == 200 and json.loads(data) == {"status": "ok"}
 
 
 # -- the real model -------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from server.cluster.streams import FeedReader
 from server.engine import EngineConfig, Submission, scoped_job_id
 from server.errors import JobNotCancellable, JobNotFound, QueueFull, ShuttingDown
 from server.events import EventKind, JobEvent, Subscriber
-from server.jobs import JobRecord, JobStatus
+from server.jobs import JobRecord
 from server.spec import JobSpec
 
 log = logging.getLogger(__name__)

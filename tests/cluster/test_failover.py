@@ -4,7 +4,6 @@ is never reclaimed, a job that kills workers ends failed while others flow."""
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 

@@ -4,7 +4,6 @@ the next succeeds), and a full or unusable disk (a clear failure, never a partia
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import json

@@ -13,7 +13,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.fake_generator import FakeGenerator
-from tests.reliability.helpers import TIMEOUT, live, resources, run, settle, wait_until, ws_client
+from tests.reliability.helpers import TIMEOUT, live, resources, run, wait_until, ws_client
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from load_test import run_load  # noqa: E402

@@ -4,7 +4,6 @@ traces, paths or internals in any error body."""
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import http.client
 import json
@@ -19,7 +18,6 @@ from server import auth
 from server.config import Settings
 from server.fake_generator import FakeGenerator, FakeUpscaler
 from server.ws_sessions import CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED
-from tests.conftest import LiveServer, make_settings
 from tests.reliability.helpers import TIMEOUT, WsClient, assert_no_leak, live, run, ws_client
 
 URL = "/v1/images/generations"

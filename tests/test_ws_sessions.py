@@ -1,0 +1,63 @@
+"""A connection's outbox (server/ws_sessions.py): a slow peer gets coalesced progress, every status."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from server.jobs import JobStatus
+from server.ws_sessions import BACKLOG, Connection, ConnState
+
+TIMEOUT = 10.0
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+class StuckSocket:
+    """A peer that does not read until ``release`` is set."""
+
+    def __init__(self, expected: int):
+        self.sent, self.expected = [], expected
+        self.entered, self.release, self.done = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def send_text(self, text):
+        self.entered.set()
+        await self.release.wait()
+        self.sent.append(json.loads(text))
+        if len(self.sent) == self.expected:
+            self.done.set()
+
+
+class Record:
+    """The fields of a JobRecord that ordering of status messages looks at."""
+
+    def __init__(self, status: str, at: float):
+        self.job_id, self.status, self.attempt, self.updated_at = "j", JobStatus(status), 1, at
+
+
+def test_slow_connection_coalesces_progress_but_keeps_every_status():
+    async def body():
+        socket = StuckSocket(expected=12)
+        conn = Connection(socket)
+        conn.open()
+        conn.push({"type": "first"})
+        await socket.entered.wait()  # the sender holds "first" and is blocked on the peer
+        for step in range(1, 101):
+            conn.push_coalesced("progress", "j", {"type": "job_progress", "step": step})
+        conn.push_status(Record("generated", 2.0), {"type": "job_status", "status": "generated"})
+        conn.push_coalesced("progress", "j", {"type": "job_progress", "step": 101})
+        conn.push_status(Record("processing", 1.0), {"type": "job_status", "status": "processing"})  # stale
+        conn.push_status(Record("completed", 3.0), {"type": "job_status", "status": "completed"})
+        queued = len(conn._outbox)
+        socket.release.set()
+        await asyncio.wait_for(socket.done.wait(), TIMEOUT)
+        await conn.stop()
+        return socket.sent, queued, conn.state
+
+    sent, queued, state = run(body())
+    assert queued == BACKLOG["progress"] + 3  # 101 progress updates took 9 slots; the stale status none
+    steps = [m.get("step", m.get("status")) for m in sent]
+    assert steps == [None, 1, 2, 3, 4, 5, 6, 7, 100, "generated", 101, "completed"]
+    assert state is ConnState.CLOSED
