@@ -20,8 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.errors import JobNotCancellable, JobNotFound, QueueFull, ShuttingDown, StorageUnavailable
 from server import files
+from server.errors import JobNotCancellable, JobNotFound, QueueFull, ShuttingDown, StorageUnavailable
 from server.events import EventHub, EventKind, JobEvent, Subscriber
 from server.execution import JobRunner
 from server.generation import Generator, Upscaler

@@ -59,7 +59,7 @@ class JobRunner:
         await self._drain_steps()
         if error is not None:
             status = JobStatus.CANCELLED if isinstance(error, JobCancelled) else JobStatus.FAILED
-            reason = active.cancel_reason if isinstance(error, JobCancelled) else _describe(error, active)
+            reason = active.cancel_reason if isinstance(error, JobCancelled) else _describe(error)
             if status is JobStatus.CANCELLED and active.cancel_reason != "cancelled":
                 status = JobStatus.FAILED  # stopped by shutdown, not by the user
             await engine._finish(active, status, error=reason)
@@ -160,13 +160,13 @@ class JobRunner:
             except OSError as exc:
                 error = exc
         log.warning("job %s: upscaling failed: %s", active.job_id[:12], error)
-        return JobResult(result.images, result.seeds, f"upscaling failed: {_describe(error, active)}", result.generation_s)
+        return JobResult(result.images, result.seeds, f"upscaling failed: {_describe(error)}", result.generation_s)
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
 
-def _describe(error: BaseException, active: "ActiveJob") -> str:
+def _describe(error: BaseException) -> str:
     if isinstance(error, ServerError):
         return error.message
     if isinstance(error, OSError):
