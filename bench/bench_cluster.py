@@ -153,7 +153,7 @@ def report(data: dict) -> str:
          f"{data['throughput_ratio']}x ({tput['1 worker']} vs {tput['2 workers']} jobs/s; per repeat "
          f"{data['throughput_ratios']})", verdict(data["throughput_ratio"] >= 1.9)),
     ]
-    lines = [f"Machine: {m['cpu']}, {m['cores']} cores (shared with other engineers' test runs), Python {m['python']}, "
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, "
              f"{data['redis']}; load average {r(m['loadavg_at_start'][0], 2)} at start, "
              f"{r(data['loadavg_at_end'][0], 2)} at end. {data['repeats']} repeats, medians over repeats, variants "
              f"interleaved. Generator: FakeGenerator {data['step_ms']:g} ms/step, 64x64; throughput jobs "
