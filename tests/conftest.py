@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import os
 import socket
@@ -77,13 +78,29 @@ def settings(tmp_path):
     return make_settings(tmp_path)
 
 
+@contextlib.contextmanager
+def live(tmp_path, generator=None, upscaler=None, **settings):
+    """A LiveServer over a FakeGenerator (10 ms steps unless given) and a FakeUpscaler."""
+    generator = generator or FakeGenerator(step_s=0.01)
+    app = create_app(make_settings(tmp_path, **settings), generator=generator,
+                     upscaler=upscaler or FakeUpscaler(), default_model="tiny-z-image")
+    with LiveServer(app) as server:
+        server.generator = generator
+        yield server
+
+
+def run_async(coro, limit: float = 60.0):
+    """Run one async test body with an overall time limit."""
+    async def limited():
+        async with asyncio.timeout(limit):
+            return await coro
+    return asyncio.run(limited())
+
+
 @pytest.fixture
 def fake_server(tmp_path):
     """A live server over a FakeGenerator (fast, deterministic) and a FakeUpscaler."""
-    generator = FakeGenerator(step_s=0.01)
-    app = create_app(make_settings(tmp_path), generator=generator, upscaler=FakeUpscaler(), default_model="tiny-z-image")
-    with LiveServer(app) as server:
-        server.generator = generator
+    with live(tmp_path) as server:
         yield server
 
 

@@ -18,10 +18,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from server.app import create_app
 from server.fake_generator import FakeGenerator, FakeUpscaler
 from server.ws_sessions import CLOSE_UNAUTHORIZED
-from tests.conftest import LiveServer, http_get, make_settings
+from tests.conftest import http_get, live, run_async
 
 MMSS = re.compile(r"^\d{2,}:\d{2}$")
 SPEED = re.compile(r"^\d+\.\d{2}(s/it|it/s)$")
@@ -32,11 +31,7 @@ TIMEOUT = 10.0
 # -- helpers --------------------------------------------------------------------------------------
 
 def run(coro):
-    """Run one async test body with an overall limit."""
-    async def limited():
-        async with asyncio.timeout(45):
-            return await coro
-    return asyncio.run(limited())
+    return run_async(coro, 45)
 
 
 class Client:
@@ -87,16 +82,6 @@ async def client(server, client_id: str | None = None, query: str = "", headers:
         url += "?" + "&".join(params)
     async with connect(url, additional_headers=headers, open_timeout=TIMEOUT) as ws:
         yield Client(ws)
-
-
-@contextlib.contextmanager
-def live(tmp_path, generator=None, upscaler=None, **settings):
-    generator = generator or FakeGenerator(step_s=0.01)
-    app = create_app(make_settings(tmp_path, **settings), generator=generator,
-                     upscaler=upscaler or FakeUpscaler(), default_model="tiny-z-image")
-    with LiveServer(app) as server:
-        server.generator = generator
-        yield server
 
 
 @pytest.fixture

@@ -11,9 +11,7 @@ from server.ws_sessions import BACKLOG, Connection, ConnState
 TIMEOUT = 10.0
 
 
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 60))
-
+from tests.conftest import run_async as run  # noqa: E402
 
 class StuckSocket:
     """A peer that does not read until ``release`` is set."""

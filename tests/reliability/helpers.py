@@ -18,9 +18,7 @@ from dataclasses import dataclass
 
 from websockets.asyncio.client import connect
 
-from server.app import create_app
-from server.fake_generator import FakeGenerator, FakeUpscaler
-from tests.conftest import LiveServer, make_settings
+from tests.conftest import live, run_async  # noqa: F401 (re-exported to the tests)
 
 TIMEOUT = 10.0
 SMALL = {"width": 64, "height": 64}
@@ -29,23 +27,7 @@ LEAK_MARKERS = ("Traceback", "site-packages", "/root", "/work/", "/tmp/", "/usr/
                 "errors.pydantic.dev", "starlette.", "uvicorn.", "sqlite3.", "Errno", "object at 0x")
 
 
-def run(coro, limit: float = 60.0):
-    """Run one async test body with an overall time limit."""
-    async def limited():
-        async with asyncio.timeout(limit):
-            return await coro
-    return asyncio.run(limited())
-
-
-@contextlib.contextmanager
-def live(tmp_path, generator=None, upscaler=None, **settings):
-    """A LiveServer over a FakeGenerator (10 ms steps unless given) and a FakeUpscaler."""
-    generator = generator or FakeGenerator(step_s=0.01)
-    app = create_app(make_settings(tmp_path, **settings), generator=generator,
-                     upscaler=upscaler or FakeUpscaler(), default_model="tiny-z-image")
-    with LiveServer(app) as server:
-        server.generator = generator
-        yield server
+run = run_async  # the name these tests use
 
 
 def assert_no_leak(text: str, context: object = "") -> None:
