@@ -97,6 +97,18 @@ def run_async(coro, limit: float = 60.0):
     return asyncio.run(limited())
 
 
+async def terminal_record(engine, job_id: str, timeout: float = 10.0):
+    """The job's final record, waited for on the engine's own events (not on a clock)."""
+    subscriber = engine.subscribe(await engine.get(job_id))
+    try:
+        while True:
+            event = await subscriber.get(timeout=timeout)
+            if event.is_terminal:
+                return event.record
+    finally:
+        subscriber.close()
+
+
 @pytest.fixture
 def fake_server(tmp_path):
     """A live server over a FakeGenerator (fast, deterministic) and a FakeUpscaler."""

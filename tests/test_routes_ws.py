@@ -20,7 +20,7 @@ from websockets.exceptions import ConnectionClosed
 
 from server.fake_generator import FakeGenerator, FakeUpscaler
 from server.ws_sessions import CLOSE_UNAUTHORIZED
-from tests.conftest import http_get, live, run_async
+from tests.conftest import http_get, live, run_async, terminal_record
 
 MMSS = re.compile(r"^\d{2,}:\d{2}$")
 SPEED = re.compile(r"^\d+\.\d{2}(s/it|it/s)$")
@@ -96,21 +96,9 @@ def gated_server(tmp_path):
             gate.set()
 
 
-async def _terminal(engine, job_id: str) -> str:
-    record = await engine.get(job_id)
-    subscriber = engine.subscribe(record)
-    try:
-        while True:
-            event = await subscriber.get(timeout=TIMEOUT)
-            if event.is_terminal:
-                return event.record.status.value
-    finally:
-        subscriber.close()
-
-
 def wait_terminal(server, job_id: str) -> str:
     """Block until the job is finished (an engine event, not a poll); its final status."""
-    return server.call(_terminal(server.engine, job_id))
+    return server.call(terminal_record(server.engine, job_id, TIMEOUT)).status.value
 
 
 # -- the happy path -------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from PIL import Image
 from server.profiles import get_profile
 from server.spec import Limits, SpecInput, normalize
 
+from tests.conftest import terminal_record
 from test_routes_openai import StepGate, client, serve  # noqa: F401  (serve is a fixture)
 
 PATH = "/v1/images/generations"
@@ -56,18 +57,7 @@ def job_status(server, job_id: str) -> str:
 
 def wait_terminal(server, job_id: str, timeout: float = 10.0):
     """The job's terminal record, waiting on the engine's events (not on a clock)."""
-
-    async def run():
-        subscriber = server.engine.subscribe(await server.engine.get(job_id))
-        try:
-            while True:
-                event = await subscriber.get(timeout=timeout)
-                if event.is_terminal:
-                    return event.record
-        finally:
-            subscriber.close()
-
-    return server.call(run())
+    return server.call(terminal_record(server.engine, job_id, timeout))
 
 
 def wait_subscribers(server, job_id: str, count: int, timeout: float = 10.0) -> None:

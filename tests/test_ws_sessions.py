@@ -7,11 +7,10 @@ import json
 
 from server.jobs import JobStatus
 from server.ws_sessions import BACKLOG, Connection, ConnState
+from tests.conftest import run_async as run
 
 TIMEOUT = 10.0
 
-
-from tests.conftest import run_async as run  # noqa: E402
 
 class StuckSocket:
     """A peer that does not read until ``release`` is set."""

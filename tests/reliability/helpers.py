@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from websockets.asyncio.client import connect
 
-from tests.conftest import live, run_async  # noqa: F401 (re-exported to the tests)
+from tests.conftest import live, run_async, terminal_record  # noqa: F401 (re-exported to the tests)
 
 TIMEOUT = 10.0
 SMALL = {"width": 64, "height": 64}
@@ -133,12 +133,4 @@ async def ws_client(server, client_id: str | None = None, query: str = "", heade
 
 async def engine_terminal(engine, job_id: str, timeout: float = TIMEOUT) -> str:
     """The job's final status, waited for on the engine's own events."""
-    record = await engine.get(job_id)
-    subscriber = engine.subscribe(record)
-    try:
-        while True:
-            event = await subscriber.get(timeout=timeout)
-            if event.is_terminal:
-                return event.record.status.value
-    finally:
-        subscriber.close()
+    return (await terminal_record(engine, job_id, timeout)).status.value
