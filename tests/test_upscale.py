@@ -254,7 +254,7 @@ def test_oom_halves_tile_then_raises(upscaler, monkeypatch):
         return torch.nn.functional.interpolate(x, scale_factor=4, mode="nearest")
 
     monkeypatch.setattr(RealESRGANUpscaler, "_forward", fake_forward)
-    up = RealESRGANUpscaler(upscaler.cache_dir, device="cuda", tile=512, tile_overlap=32)
+    up = RealESRGANUpscaler(upscaler.cache_dir, device="cuda", tile=512, tile_overlap=32, tile_pad=0)
     up._descriptor, up._device = upscaler._descriptor, torch.device("cuda")  # pretend: no GPU here
     limit = 128
     assert up.run_model(synthetic_rgb(300, 300)).shape == (1200, 1200, 3)
