@@ -5,6 +5,7 @@ jobs, the queue and its pending entries survive, and work resumes where it was."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 
 from server.fake_generator import FakeGenerator
@@ -13,7 +14,10 @@ from tests.cluster.conftest import KVServer
 from tests.cluster.test_conformance import TIMEOUT, spec, until_terminal
 
 
-async def roles(kv, tmp_path, generator):
+@contextlib.asynccontextmanager
+async def roles(kv, tmp_path, generator, gate: threading.Event | None = None):
+    """An API engine and a worker on ``kv``; both stopped on exit (after opening ``gate``, so a
+    held generator cannot keep the worker from stopping)."""
     from server.cluster.redis_engine import ClusterOptions, RedisEngine
     from server.cluster.redis_worker import RedisWorker
     from server.engine import EngineConfig
@@ -26,15 +30,28 @@ async def roles(kv, tmp_path, generator):
                          FakeUpscaler())
     await engine.start()
     await worker.start()
-    return engine, worker
+    try:
+        yield engine, worker
+    finally:
+        if gate is not None:
+            gate.set()
+        await worker.stop(2)
+        await engine.stop(2)
+
+
+def run_against(kv, scenario) -> None:
+    """Run the async ``scenario``, then stop the key-value server whatever happened."""
+    try:
+        asyncio.run(scenario())
+    finally:
+        kv.stop()
 
 
 def test_restart_without_persistence_workers_recreate_the_group(tmp_path):
     kv = KVServer("redis", tmp_path / "kv").start()
 
     async def scenario():
-        engine, worker = await roles(kv, tmp_path, FakeGenerator(step_s=0.005))
-        try:
+        async with roles(kv, tmp_path, FakeGenerator(step_s=0.005)) as (engine, worker):
             first = await engine.submit(spec("before restart"), interest="a")
             assert (await until_terminal(first.subscriber))[1].status is JobStatus.COMPLETED
             await asyncio.to_thread(kv.restart)
@@ -49,13 +66,7 @@ def test_restart_without_persistence_workers_recreate_the_group(tmp_path):
             assert second.created  # lost with the restart: runs again under the same id
             assert (await until_terminal(second.subscriber))[1].status is JobStatus.COMPLETED
             assert worker.accepting
-        finally:
-            await worker.stop(2)
-            await engine.stop(2)
-    try:
-        asyncio.run(scenario())
-    finally:
-        kv.stop()
+    run_against(kv, scenario)
 
 
 def test_restart_with_aof_keeps_jobs_queue_and_pending_entries(tmp_path):
@@ -63,8 +74,7 @@ def test_restart_with_aof_keeps_jobs_queue_and_pending_entries(tmp_path):
     gate = threading.Event()
 
     async def scenario():
-        engine, worker = await roles(kv, tmp_path, FakeGenerator(gate=gate))
-        try:
+        async with roles(kv, tmp_path, FakeGenerator(gate=gate), gate) as (engine, worker):
             running = await engine.submit(spec("running across restart"), interest="a")
             queued = await engine.submit(spec("queued across restart"), interest="b")
             async with asyncio.timeout(TIMEOUT):
@@ -79,11 +89,4 @@ def test_restart_with_aof_keeps_jobs_queue_and_pending_entries(tmp_path):
             gate.set()
             assert (await until_terminal(running.subscriber))[1].status is JobStatus.COMPLETED
             assert (await until_terminal(queued.subscriber))[1].status is JobStatus.COMPLETED
-        finally:
-            gate.set()
-            await worker.stop(2)
-            await engine.stop(2)
-    try:
-        asyncio.run(scenario())
-    finally:
-        kv.stop()
+    run_against(kv, scenario)
