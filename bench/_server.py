@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import LagProbe, raise_fd_limit, rss_mb  # noqa: E402
 from server.app import NO_UPSCALER, create_app  # noqa: E402
 from server.config import Settings  # noqa: E402
-from server.fake_generator import FakeGenerator  # noqa: E402
+from server.testing.fakes import FakeGenerator  # noqa: E402
 
 
 class TimedFakeGenerator(FakeGenerator):

@@ -23,11 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from server.engine import EngineConfig, JobEngine  # noqa: E402
-from server.fake_generator import FakeGenerator  # noqa: E402
-from server.profiles import get_profile  # noqa: E402
-from server.spec import Limits, SpecInput, normalize  # noqa: E402
-from server.store import SQLiteJobStore  # noqa: E402
+from server.core.engine import EngineConfig, JobEngine  # noqa: E402
+from server.testing.fakes import FakeGenerator  # noqa: E402
+from server.core.profiles import get_profile  # noqa: E402
+from server.core.spec import Limits, SpecInput, normalize  # noqa: E402
+from server.core.store import SQLiteJobStore  # noqa: E402
 
 
 async def run_once(in_flight: int, args, tmp: Path) -> dict:

@@ -9,7 +9,7 @@ on the GPU too (never meta + ``to_empty``: that would leave its rotary buffer as
 1024x1024, 9 steps, guidance 0, for bf16 and SDNQ uint4 (+SVD rank 32, quantized matmul):
   seconds per image (pipe call), seconds per step (step callbacks with device syncs) against the
   ~55 TFLOP/step estimate, peak memory; VAE decode time; the server's generator with preview
-  fast / vae / none (overhead of previews); Real-ESRGAN x4plus (server.upscale) in fp16 on a 1024^2
+  fast / vae / none (overhead of previews); Real-ESRGAN x4plus (server.inference.upscale) in fp16 on a 1024^2
   input, tiled (512) and untiled; PNG encode time of 1024^2 and 4096^2 images.
 Random weights make images noise-like; speed does not depend on the values.
 """
@@ -62,7 +62,7 @@ def build_pipe(cfg: dict, device: str, dtype):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
-    from server.tiny_models import _qwen_tokenizer
+    from server.inference.tiny_models import _qwen_tokenizer
 
     with torch.device(device):  # parameters are created (and randomly initialised) on the device
         transformer = ZImageTransformer2DModel(**cfg["transformer"]).to(dtype)
@@ -155,7 +155,7 @@ def time_vae(pipe, device: str, size: int, repeats: int) -> float:
 
 def time_previews(pipe, device: str, size: int, repeats: int) -> dict:
     """The server's generator (server.model) on this pipeline, preview method fast / vae / none."""
-    from server.generation import GenerationRequest, preview_interval_for
+    from server.core.generation import GenerationRequest, preview_interval_for
     from server.model import DiffusersGenerator
 
     generator = DiffusersGenerator(Path(tempfile.gettempdir()), device=device)
@@ -180,7 +180,7 @@ def time_previews(pipe, device: str, size: int, repeats: int) -> dict:
 def time_upscaler(device: str, size: int, repeats: int) -> dict:
     import numpy as np
 
-    from server.upscale import RealESRGANUpscaler
+    from server.inference.upscale import RealESRGANUpscaler
 
     out = {}
     rgb = np.random.default_rng(0).random((size, size, 3), dtype=np.float32)
@@ -222,7 +222,7 @@ def time_png(sizes) -> dict:
     import numpy as np
     from PIL import Image
 
-    from server import files
+    from server.core import files
 
     out = {}
     for size in sizes:

@@ -32,10 +32,10 @@ from _common import CACHE, ThreadServer, machine, med, r, save  # noqa: E402
 
 import httpx  # noqa: E402
 
-from server import files  # noqa: E402
+from server.core import files  # noqa: E402
 from server.app import NO_UPSCALER, create_app  # noqa: E402
 from server.config import Settings  # noqa: E402
-from server.fake_generator import FakeGenerator  # noqa: E402
+from server.testing.fakes import FakeGenerator  # noqa: E402
 from server.model import DiffusersGenerator  # noqa: E402
 
 PROMPT = "a lighthouse at dusk"
@@ -87,8 +87,8 @@ def pieces(image, pipe, client: httpx.Client, url: str, tmp: Path) -> dict:
     """Each part of the server's added work, timed alone on the image the pipe made."""
     import torch
 
-    from server.previews import estimate_x0, render_preview
-    from server.schemas_openai import ImageData, ImagesResponse, InputTokensDetails, Usage
+    from server.inference.previews import estimate_x0, render_preview
+    from server.openai_api.schemas import ImageData, ImagesResponse, InputTokensDetails, Usage
 
     png3 = files.encode_image(image, "png", png_level=3)
     b64 = files.to_b64(png3)

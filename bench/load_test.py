@@ -263,7 +263,7 @@ def serve(port: int, output_dir: str, step_ms: float, finished_cache: int | None
     if finished_cache is not None:
         app_module.EngineConfig = functools.partial(app_module.EngineConfig, finished_cache_size=finished_cache)
     from server.config import Settings
-    from server.fake_generator import FakeGenerator, FakeUpscaler
+    from server.testing.fakes import FakeGenerator, FakeUpscaler
 
     settings = Settings(output_dir=Path(output_dir), model="tiny-z-image", max_queue=512, max_queue_per_client=512,
                         log_level="WARNING")

@@ -19,8 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = parse_cli(argv)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from server.app import cuda_available, create_app, default_generator
-    from server.catalog import resolve_default_model
-    from server.errors import ServerError
+    from server.core.catalog import resolve_default_model
+    from server.core.errors import ServerError
 
     if settings.backend:
         return serve_cluster_role(settings)
@@ -39,9 +39,9 @@ def serve_cluster_role(settings: Settings) -> int:
     """``--backend redis://... --role api|worker|all`` (server/cluster/roles.py, docs/scale-out.md).
     An API node loads no model; ``auto`` names the model a CUDA worker would serve."""
     from server.app import NO_UPSCALER, create_app, default_generator, default_upscaler
-    from server.catalog import resolve_default_model
+    from server.core.catalog import resolve_default_model
     from server.cluster.roles import RemoteGenerator, create_worker_app, fake_generator_from_env
-    from server.errors import ServerError
+    from server.core.errors import ServerError
 
     try:
         from server.app import cuda_available

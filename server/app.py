@@ -15,12 +15,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from server import __version__
-from server.catalog import Catalog, resolve_default_model
+from server.core.catalog import Catalog, resolve_default_model
 from server.config import Settings
-from server.engine import EngineConfig, JobEngine
-from server.generation import Generator, Upscaler
+from server.core.engine import EngineConfig, JobEngine
+from server.core.generation import Generator, Upscaler
 from server.metrics import Metrics
-from server.store import SQLiteJobStore
+from server.core.store import SQLiteJobStore
 
 log = logging.getLogger(__name__)
 NO_UPSCALER = object()
@@ -41,7 +41,7 @@ def default_generator(settings: Settings) -> Generator:
 
 
 def default_upscaler(settings: Settings) -> Upscaler:
-    from server.upscale import RealESRGANUpscaler
+    from server.inference.upscale import RealESRGANUpscaler
 
     return RealESRGANUpscaler(settings.cache_dir, weights_path=settings.upscaler_weights, device=settings.device,
                               tile=settings.upscale_tile)

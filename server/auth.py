@@ -13,7 +13,7 @@ import hmac
 from fastapi import Request
 
 from server.config import Settings
-from server.errors import AuthenticationFailed
+from server.core.errors import AuthenticationFailed
 
 OWNER_HEX_CHARS = 16  # 64 bits: a fingerprint for scoping, not a secret
 

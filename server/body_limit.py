@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from server.schemas_openai import ErrorBody, ErrorEnvelope
+from server.openai_api.schemas import ErrorBody, ErrorEnvelope
 
 STATUS = 413
 

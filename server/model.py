@@ -2,7 +2,7 @@
 
 ``DiffusersGenerator`` owns every loaded pipeline (no module-level model state). Real repositories
 load from the Hugging Face cache (``HF_HOME``); ``tiny:<name>`` repositories are built offline by
-``server.tiny_models`` into ``<cache_dir>/tiny/<name>`` and then loaded with the very same
+``server.inference.tiny_models`` into ``<cache_dir>/tiny/<name>`` and then loaded with the very same
 ``PipelineClass.from_pretrained(path)`` call. Torch and diffusers are imported lazily, so importing
 this module is cheap.
 
@@ -20,9 +20,9 @@ import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
-from server.errors import GenerationFailed, InvalidRequest, JobCancelled, ModelLoadError, OutOfMemory, ServerError
-from server.generation import CancelCheck, GenerationRequest, StepCallback, StepUpdate
-from server.profiles import ModelProfile, get_profile
+from server.core.errors import GenerationFailed, InvalidRequest, JobCancelled, ModelLoadError, OutOfMemory, ServerError
+from server.core.generation import CancelCheck, GenerationRequest, StepCallback, StepUpdate
+from server.core.profiles import ModelProfile, get_profile
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -66,7 +66,7 @@ class _StepTracker:
     def __call__(self, pipe: Any, i: int, _t: Any, callback_kwargs: dict) -> dict:
         if self.is_cancelled():
             raise JobCancelled()
-        from server.previews import estimate_x0, render_preview
+        from server.inference.previews import estimate_x0, render_preview
 
         latents = callback_kwargs["latents"]
         step, total = i + 1, self.request.steps
@@ -86,7 +86,7 @@ class _StepTracker:
 
 
 class DiffusersGenerator:
-    """``server.generation.Generator`` over diffusers ``ZImagePipeline`` / ``CogView4Pipeline``.
+    """``server.core.generation.Generator`` over diffusers ``ZImagePipeline`` / ``CogView4Pipeline``.
 
     ``device`` None picks "cuda" when available, else "cpu"; the dtype is bfloat16 on CUDA and
     float32 on CPU. At most ``max_resident`` pipelines stay loaded (least recently used goes
@@ -120,7 +120,7 @@ class DiffusersGenerator:
         return {"device": device, "dtype": self._dtype_name(device), "loaded": loaded}
 
     def generate(self, request: GenerationRequest, on_step: StepCallback, is_cancelled: CancelCheck) -> "list[Image]":
-        """Run ``request.n`` images seeded ``seed + i``; see ``server.generation.Generator``.
+        """Run ``request.n`` images seeded ``seed + i``; see ``server.core.generation.Generator``.
 
         Raises ``InvalidRequest`` (size/steps/variant), ``ModelLoadError``, ``JobCancelled``,
         ``OutOfMemory`` or ``GenerationFailed``.
@@ -239,7 +239,7 @@ class DiffusersGenerator:
 
     def _load_pipeline(self, profile: ModelProfile, variant: str) -> Any:
         """``PipelineClass.from_pretrained`` of the variant's repo (or built tiny folder), on the device."""
-        from server import tiny_models
+        from server.inference import tiny_models
 
         repo = profile.repos[variant]
         try:
@@ -267,7 +267,7 @@ class DiffusersGenerator:
 
     @staticmethod
     def _load_error_message(profile: ModelProfile, variant: str, repo: str, exc: BaseException) -> str:
-        from server import tiny_models
+        from server.inference import tiny_models
 
         if tiny_models.is_tiny_repo(repo):
             remedy = "check that the cache directory is writable and the Python packages are installed"

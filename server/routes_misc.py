@@ -9,9 +9,9 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from server import __version__
-from server.errors import NotFound
-from server.files import resolve_output
-from server.schemas_openai import ErrorEnvelope
+from server.core.errors import NotFound
+from server.core.files import resolve_output
+from server.openai_api.schemas import ErrorEnvelope
 
 router = APIRouter()
 WEB_CLIENT = Path(__file__).resolve().parent.parent / "web_client.html"

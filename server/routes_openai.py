@@ -20,18 +20,18 @@ from fastapi.responses import Response
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 
-from server import files
+from server.core import files
 from server.auth import require_owner
-from server.catalog import Catalog
+from server.core.catalog import Catalog
 from server.config import Settings
-from server.engine import SHUTDOWN_REASON
-from server.errors import GenerationFailed, InvalidRequest, NotFound, OutOfMemory, ServerError, ShuttingDown
-from server.events import Subscriber
-from server.http_errors import document_errors, install_error_handlers
-from server.jobs import JobRecord, JobStatus
-from server.schemas_openai import (ErrorEnvelope, ImageData, ImageGenerationRequest, ImagesResponse,
+from server.core.engine import SHUTDOWN_REASON
+from server.core.errors import GenerationFailed, InvalidRequest, NotFound, OutOfMemory, ServerError, ShuttingDown
+from server.core.events import Subscriber
+from server.openai_api.errors import document_errors, install_error_handlers
+from server.core.jobs import JobRecord, JobStatus
+from server.openai_api.schemas import (ErrorEnvelope, ImageData, ImageGenerationRequest, ImagesResponse,
                                    InputTokensDetails, ModelList, ModelObject, Usage)
-from server.spec import JobSpec, Limits, SpecInput, normalize
+from server.core.spec import JobSpec, Limits, SpecInput, normalize
 from server.streaming import FinalImage, OpenAIDialect, StepDialect, StreamContext, job_events, ping_event
 
 log = logging.getLogger(__name__)
@@ -273,7 +273,7 @@ async def _withdraw(request: Request, subscriber: Subscriber, job_id: str, inter
 
 
 def install(app: FastAPI) -> None:
-    from server import sse_resume  # it builds on this module's delivery helpers
+    from server.openai_api import resume as sse_resume  # it builds on this module's delivery helpers
 
     install_error_handlers(app)
     document_errors(app)

@@ -22,14 +22,14 @@ from typing import Any, Awaitable, Callable
 from fastapi import FastAPI, WebSocket
 from pydantic import ValidationError
 
-from server import schemas_ws as wire
+from server.ws import schemas as wire
 from server.app import origin_allowed
 from server.auth import authenticate, bearer_token
-from server.engine import JobEngine
-from server.errors import AuthenticationFailed, InvalidRequest, ServerError
-from server.jobs import JobStatus
-from server.spec import JobSpec, Limits, SpecInput, normalize
-from server.ws_sessions import (CLOSE_BAD_REQUEST, CLOSE_FORBIDDEN, CLOSE_TOO_MANY, CLOSE_UNAUTHORIZED,
+from server.core.engine import JobEngine
+from server.core.errors import AuthenticationFailed, InvalidRequest, ServerError
+from server.core.jobs import JobStatus
+from server.core.spec import JobSpec, Limits, SpecInput, normalize
+from server.ws.sessions import (CLOSE_BAD_REQUEST, CLOSE_FORBIDDEN, CLOSE_TOO_MANY, CLOSE_UNAUTHORIZED,
                                 MAX_CONNECTIONS_PER_CLIENT, Connection, Renderer, Session, SessionRegistry)
 
 log = logging.getLogger(__name__)

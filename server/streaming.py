@@ -15,7 +15,7 @@ releasing the job). Wire shapes are the pydantic models of ``schemas_openai``.
   raises ``openai.APIError``), then the stream ends. Heartbeats are SSE comments (``: ping``).
 - Event ids: with the Redis backend every job event has an id (its entry in the job's stream), sent
   as the SSE ``id:`` of the last SSE event it became; ``GET /v1/images/jobs/{id}/events`` with
-  ``Last-Event-ID`` resumes after it on any API node (``server.sse_resume``).
+  ``Last-Event-ID`` resumes after it on any API node (``server.openai_api.resume``).
 """
 
 from __future__ import annotations
@@ -32,13 +32,13 @@ from PIL import Image
 from pydantic import BaseModel
 from sse_starlette import ServerSentEvent
 
-from server import files
-from server.errors import ServerError
-from server.events import EventKind, PreviewImage, Subscriber
-from server.http_errors import SERVER, error_body
-from server.jobs import JobRecord, JobStatus
-from server.schemas_openai import CompletedEvent, ErrorBody, ErrorEvent, PartialImageEvent, StepEvent, Usage
-from server.spec import JobSpec
+from server.core import files
+from server.core.errors import ServerError
+from server.core.events import EventKind, PreviewImage, Subscriber
+from server.openai_api.errors import SERVER, error_body
+from server.core.jobs import JobRecord, JobStatus
+from server.openai_api.schemas import CompletedEvent, ErrorBody, ErrorEvent, PartialImageEvent, StepEvent, Usage
+from server.core.spec import JobSpec
 
 log = logging.getLogger(__name__)
 SEP = "\n"

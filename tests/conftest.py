@@ -18,7 +18,7 @@ os.environ.setdefault("SDNQ_USE_TORCH_COMPILE", "0")
 
 from server.app import NO_UPSCALER, create_app  # noqa: E402
 from server.config import Settings  # noqa: E402
-from server.fake_generator import FakeGenerator, FakeUpscaler  # noqa: E402
+from server.testing.fakes import FakeGenerator, FakeUpscaler  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_CACHE = REPO / ".cache"  # tiny models and converted weights are built once per checkout

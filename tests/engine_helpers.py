@@ -5,11 +5,11 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from server.engine import EngineConfig, JobEngine
-from server.fake_generator import FakeGenerator, FakeUpscaler
-from server.profiles import get_profile
-from server.spec import Limits, SpecInput, normalize
-from server.store import SQLiteJobStore
+from server.core.engine import EngineConfig, JobEngine
+from server.testing.fakes import FakeGenerator, FakeUpscaler
+from server.core.profiles import get_profile
+from server.core.spec import Limits, SpecInput, normalize
+from server.core.store import SQLiteJobStore
 
 
 def spec(prompt="a red fox", seed=1, **fields):

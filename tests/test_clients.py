@@ -108,7 +108,7 @@ def test_start_server_installs_then_execs_the_server_with_flags(tmp_path):
 
 def test_client_example_sends_the_api_key(tmp_path):
     from server.app import create_app
-    from server.fake_generator import FakeGenerator, FakeUpscaler
+    from server.testing.fakes import FakeGenerator, FakeUpscaler
     from tests.conftest import LiveServer, make_settings
 
     app = create_app(make_settings(tmp_path, api_keys=["sesame"]), generator=FakeGenerator(), upscaler=FakeUpscaler(),

@@ -8,12 +8,12 @@ import time
 
 import pytest
 
-from server.errors import IllegalTransition, JobNotCancellable, QueueFull
-from server.events import EventKind
-from server.fake_generator import FakeGenerator, FakeUpscaler
-from server.jobs import JobStatus, check_transition
-from server.profiles import get_profile
-from server.spec import Limits, SpecInput, normalize
+from server.core.errors import IllegalTransition, JobNotCancellable, QueueFull
+from server.core.events import EventKind
+from server.testing.fakes import FakeGenerator, FakeUpscaler
+from server.core.jobs import JobStatus, check_transition
+from server.core.profiles import get_profile
+from server.core.spec import Limits, SpecInput, normalize
 from tests.engine_helpers import running_engine, spec, statuses, until_terminal
 
 

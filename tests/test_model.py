@@ -21,8 +21,8 @@ import weakref
 import numpy as np
 import pytest
 
-from server.errors import GenerationFailed, InvalidRequest, JobCancelled, ModelLoadError, ModelNotFound, OutOfMemory
-from server.generation import GenerationRequest, StepUpdate
+from server.core.errors import GenerationFailed, InvalidRequest, JobCancelled, ModelLoadError, ModelNotFound, OutOfMemory
+from server.core.generation import GenerationRequest, StepUpdate
 from server.model import DiffusersGenerator
 
 torch = pytest.importorskip("torch")
@@ -72,7 +72,7 @@ def mse(a, b) -> float:
 
 
 def test_importing_model_module_does_not_import_torch():
-    code = "import sys, server.model, server.previews, server.tiny_models; sys.exit('torch' in sys.modules)"
+    code = "import sys, server.model, server.inference.previews, server.inference.tiny_models; sys.exit('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__)))
     assert result.returncode == 0
 
@@ -142,7 +142,7 @@ def test_preview_sizes_per_method(generator):
 
 @pytest.mark.parametrize("model", ["tiny-z-image", "tiny-cogview4"])
 def test_x0_previews_converge_and_beat_noisy_latents(generator, monkeypatch, model):
-    from server import previews
+    from server.inference import previews
 
     noisy = []  # x_t at each step, captured where the generator estimates x0 from it
     real_estimate = previews.estimate_x0
@@ -319,7 +319,7 @@ def test_lru_keeps_at_most_max_resident_and_frees_the_evicted(cache_dir):
 
 
 def test_tiny_model_builds_are_safe_under_concurrency(tmp_path):
-    from server.tiny_models import tiny_model_dir
+    from server.inference.tiny_models import tiny_model_dir
 
     results, errors = [], []
 
@@ -340,7 +340,7 @@ def test_tiny_model_builds_are_safe_under_concurrency(tmp_path):
 
 
 def test_x0_estimate_is_exact_for_a_straight_flow():
-    from server.previews import estimate_x0
+    from server.inference.previews import estimate_x0
 
     gen = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(1, 16, 4, 4, generator=gen), torch.randn(1, 16, 4, 4, generator=gen)
@@ -350,7 +350,7 @@ def test_x0_estimate_is_exact_for_a_straight_flow():
 
 
 def test_fast_preview_applies_factors_and_bias():
-    from server.previews import LATENT_RGB_FACTORS, latents_to_rgb_fast
+    from server.inference.previews import LATENT_RGB_FACTORS, latents_to_rgb_fast
 
     factors, bias = LATENT_RGB_FACTORS["ZImagePipeline"]
     assert len(factors) == 16 and all(len(row) == 3 for row in factors) and len(bias) == 3
@@ -364,7 +364,7 @@ def test_fast_preview_applies_factors_and_bias():
 
 
 def test_fit_latent_rgb_factors_recovers_a_linear_map():
-    from server.previews import fit_latent_rgb_factors
+    from server.inference.previews import fit_latent_rgb_factors
 
     gen = torch.Generator().manual_seed(1)
     latents = torch.randn(2, 16, 6, 5, generator=gen)

@@ -18,8 +18,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from server.fake_generator import FakeGenerator, FakeUpscaler
-from server.ws_sessions import CLOSE_UNAUTHORIZED
+from server.testing.fakes import FakeGenerator, FakeUpscaler
+from server.ws.sessions import CLOSE_UNAUTHORIZED
 from tests.conftest import http_get, live, run_async, terminal_record
 
 MMSS = re.compile(r"^\d{2,}:\d{2}$")
@@ -98,7 +98,7 @@ def gated_server(tmp_path):
 
 def wait_terminal(server, job_id: str) -> str:
     """Block until the job is finished (an engine event, not a poll); its final status."""
-    return server.call(terminal_record(server.engine, job_id, TIMEOUT)).status.value
+    return server.call(terminal_record(server.core.engine, job_id, TIMEOUT)).status.value
 
 
 # -- the happy path -------------------------------------------------------------------------------

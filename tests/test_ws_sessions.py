@@ -1,12 +1,12 @@
-"""A connection's outbox (server/ws_sessions.py): a slow peer gets coalesced progress, every status."""
+"""A connection's outbox (server/ws/sessions.py): a slow peer gets coalesced progress, every status."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 
-from server.jobs import JobStatus
-from server.ws_sessions import BACKLOG, Connection, ConnState
+from server.core.jobs import JobStatus
+from server.ws.sessions import BACKLOG, Connection, ConnState
 from tests.conftest import run_async as run
 
 TIMEOUT = 10.0

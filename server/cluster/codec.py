@@ -9,9 +9,9 @@ import secrets
 import socket
 from dataclasses import asdict, dataclass, replace
 
-from server.events import EventKind, JobEvent, PreviewImage
-from server.jobs import JobRecord, JobResult, JobStatus, Progress
-from server.spec import JobSpec
+from server.core.events import EventKind, JobEvent, PreviewImage
+from server.core.jobs import JobRecord, JobResult, JobStatus, Progress
+from server.core.spec import JobSpec
 
 GROUP = "workers"
 

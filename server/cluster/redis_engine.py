@@ -1,4 +1,4 @@
-"""The API-role engine over Redis/Valkey: the public surface of ``server.engine.JobEngine``
+"""The API-role engine over Redis/Valkey: the public surface of ``server.core.engine.JobEngine``
 (submit/cancel/release/get/client_jobs/queue_position/counts/accepting/subscribe/start/stop), so the
 protocol adapters run unchanged, with no GPU and no job state of its own.
 
@@ -25,11 +25,11 @@ from redis.exceptions import RedisError, ResponseError
 from server.cluster import scripts
 from server.cluster.codec import GROUP, Keys, client_name, connect, default_node_id, pairs, preview_event, reader_client, record_from_hash
 from server.cluster.streams import FeedReader
-from server.engine import EngineConfig, Submission, scoped_job_id
-from server.errors import JobNotCancellable, JobNotFound, QueueFull, ShuttingDown
-from server.events import EventKind, JobEvent, Subscriber
-from server.jobs import JobRecord
-from server.spec import JobSpec
+from server.core.engine import EngineConfig, Submission, scoped_job_id
+from server.core.errors import JobNotCancellable, JobNotFound, QueueFull, ShuttingDown
+from server.core.events import EventKind, JobEvent, Subscriber
+from server.core.jobs import JobRecord
+from server.core.spec import JobSpec
 
 log = logging.getLogger(__name__)
 STATS_INTERVAL_S = 0.25

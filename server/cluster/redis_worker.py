@@ -28,10 +28,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError, RedisError
 from server.cluster import scripts
 from server.cluster.codec import GROUP, Keys, client_name, connect, pairs, reader_client, record_from_hash, result_json, step_payload
 from server.cluster.redis_engine import ClusterOptions, ensure_group
-from server.engine import ActiveJob, EngineConfig
-from server.events import EventKind, JobEvent
-from server.execution import JobRunner
-from server.jobs import JobRecord, JobStatus
+from server.core.engine import ActiveJob, EngineConfig
+from server.core.events import EventKind, JobEvent
+from server.core.runner import JobRunner
+from server.core.jobs import JobRecord, JobStatus
 
 log = logging.getLogger(__name__)
 FENCED_REASON = "taken over by another worker"

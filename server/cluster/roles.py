@@ -9,7 +9,7 @@ Images: workers write them into ``output_dir``, and API nodes serve ``/api/image
 final b64 images from their own ``output_dir``: every node must mount the same shared directory
 (NFS, a cloud file system...). See docs/scale-out.md.
 
-Testing aid: when ``T2I_FAKE_GENERATOR_STEP_S`` is set, workers use ``server.fake_generator``'s
+Testing aid: when ``T2I_FAKE_GENERATOR_STEP_S`` is set, workers use ``server.testing.fakes``'s
 ``FakeGenerator`` with that many seconds per step (and ``FakeUpscaler``) instead of a model; a
 prompt containing ``crash:worker`` then kills the worker process mid-job (``os._exit``), to show
 how a job that takes workers down ends.
@@ -24,7 +24,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
 
-from server.engine import EngineConfig
+from server.core.engine import EngineConfig
 
 log = logging.getLogger(__name__)
 FAKE_ENV = "T2I_FAKE_GENERATOR_STEP_S"
@@ -51,7 +51,7 @@ def fake_generator_from_env():
     step_s = os.environ.get(FAKE_ENV)
     if step_s is None:
         return None
-    from server.fake_generator import FakeGenerator, FakeUpscaler
+    from server.testing.fakes import FakeGenerator, FakeUpscaler
 
     class CrashingFakeGenerator(FakeGenerator):
         def generate(self, request, on_step, is_cancelled):

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from redis.exceptions import ConnectionError as RedisConnectionError, RedisError, TimeoutError as RedisTimeout
 
 from server.cluster.codec import Keys, event_from_entry, id_key
-from server.events import EventHub, JobEvent, Subscriber
-from server.jobs import JobRecord
+from server.core.events import EventHub, JobEvent, Subscriber
+from server.core.jobs import JobRecord
 
 log = logging.getLogger(__name__)
 RING = 64  # events kept per watched job for subscribers that join behind the reader

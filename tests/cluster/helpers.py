@@ -12,7 +12,7 @@ import httpx
 from server.app import build_catalog
 from server.config import Settings
 from server.routes_openai import plan_request
-from server.schemas_openai import ImageGenerationRequest
+from server.openai_api.schemas import ImageGenerationRequest
 
 PREFIX = "t2i:"
 TIMEOUT = 30.0

@@ -9,14 +9,14 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from server.engine import EngineConfig, JobEngine
-from server.errors import JobNotCancellable
-from server.events import EventKind
-from server.fake_generator import FakeGenerator, FakeUpscaler
-from server.jobs import JobStatus
-from server.profiles import get_profile
-from server.spec import Limits, SpecInput, normalize
-from server.store import SQLiteJobStore
+from server.core.engine import EngineConfig, JobEngine
+from server.core.errors import JobNotCancellable
+from server.core.events import EventKind
+from server.testing.fakes import FakeGenerator, FakeUpscaler
+from server.core.jobs import JobStatus
+from server.core.profiles import get_profile
+from server.core.spec import Limits, SpecInput, normalize
+from server.core.store import SQLiteJobStore
 from tests.cluster.conftest import KVServer
 
 TIMEOUT = 10

@@ -8,8 +8,8 @@ import asyncio
 import contextlib
 import threading
 
-from server.fake_generator import FakeGenerator
-from server.jobs import JobStatus
+from server.testing.fakes import FakeGenerator
+from server.core.jobs import JobStatus
 from tests.cluster.conftest import KVServer
 from tests.cluster.test_conformance import TIMEOUT, spec, until_terminal
 
@@ -20,8 +20,8 @@ async def roles(kv, tmp_path, generator, gate: threading.Event | None = None):
     held generator cannot keep the worker from stopping)."""
     from server.cluster.redis_engine import ClusterOptions, RedisEngine
     from server.cluster.redis_worker import RedisWorker
-    from server.engine import EngineConfig
-    from server.fake_generator import FakeUpscaler
+    from server.core.engine import EngineConfig
+    from server.testing.fakes import FakeUpscaler
 
     config = EngineConfig(output_dir=tmp_path / "out")
     config.output_dir.mkdir(parents=True, exist_ok=True)

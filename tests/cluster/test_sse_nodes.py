@@ -19,7 +19,7 @@ import pytest
 from server.app import create_app
 from server.cluster.codec import client_name
 from server.routes_openai import plan_request
-from server.schemas_openai import ImageGenerationRequest
+from server.openai_api.schemas import ImageGenerationRequest
 from tests.cluster.conftest import Cluster, KVServer
 from tests.cluster.helpers import body, events, job_id_of, post_in_background, statuses, wait_status, wait_step
 from tests.conftest import LiveServer, make_settings

@@ -21,7 +21,7 @@ schemathesis = pytest.importorskip("schemathesis")
 from schemathesis import GenerationMode  # noqa: E402
 from schemathesis.specs.openapi.checks import positive_data_acceptance  # noqa: E402
 
-from server.fake_generator import FakeGenerator  # noqa: E402
+from server.testing.fakes import FakeGenerator  # noqa: E402
 from tests.reliability.helpers import assert_no_leak, live  # noqa: E402
 
 # T2I_FUZZ_EXAMPLES raises the bound for a longer run (RELIABILITY.md gives the command).
@@ -59,7 +59,7 @@ def fuzz_operations(server, examples: int, headers: dict | None = None) -> tuple
 def test_every_route_conforms_to_its_schema_under_fuzzing(tmp_path):
     with live(tmp_path, generator=FakeGenerator()) as server:
         statuses, failures = fuzz_operations(server, EXAMPLES)
-        health = server.engine.accepting
+        health = server.core.engine.accepting
     total = sum(statuses.values())
     by_code = Counter()
     for (_, code), count in statuses.items():

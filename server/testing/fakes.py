@@ -13,8 +13,8 @@ import time
 
 from PIL import Image
 
-from server.errors import GenerationFailed, JobCancelled, OutOfMemory
-from server.generation import CancelCheck, GenerationRequest, StepCallback, StepUpdate
+from server.core.errors import GenerationFailed, JobCancelled, OutOfMemory
+from server.core.generation import CancelCheck, GenerationRequest, StepCallback, StepUpdate
 
 
 class FakeGenerator:

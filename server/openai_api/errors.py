@@ -17,8 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server import errors
-from server.schemas_openai import ErrorBody, ErrorEnvelope
+from server.core import errors
+from server.openai_api.schemas import ErrorBody, ErrorEnvelope
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 The job core calls ``Generator.generate`` from its single GPU thread; implementations must not touch
 the event loop. ``on_step`` is called after every denoising step (it must be cheap; the job core
 forwards it thread-safely); ``is_cancelled`` is polled at every step boundary and, when true, the
-generator stops within one step and never VAE-decodes (it raises ``server.errors.JobCancelled``).
+generator stops within one step and never VAE-decodes (it raises ``server.core.errors.JobCancelled``).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from server.errors import ModelNotFound
-from server.profiles import ModelProfile, get_profile
+from server.core.errors import ModelNotFound
+from server.core.profiles import ModelProfile, get_profile
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,9 @@ from typing import Any, Literal, Union, get_origin
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 from pydantic_core import PydanticUndefined
 
-from server.events import PreviewImage
-from server.jobs import JobRecord, JobStatus, Progress
-from server.spec import TASK_TEXT_TO_IMAGE
+from server.core.events import PreviewImage
+from server.core.jobs import JobRecord, JobStatus, Progress
+from server.core.spec import TASK_TEXT_TO_IMAGE
 
 RequestId = Union[str, int, None]
 PROTOCOL_SEED = 42  # the protocol's documented default seed: repeated requests are one job

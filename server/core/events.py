@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
-from server.jobs import JobRecord, Progress
+from server.core.jobs import JobRecord, Progress
 
 
 class EventKind(str, Enum):

@@ -89,7 +89,7 @@ PROFILES: dict[str, ModelProfile] = {
 
 def get_profile(model_id: str) -> ModelProfile:
     """The profile of a served model id; raises ``ModelNotFound`` naming the known ids."""
-    from server.errors import ModelNotFound
+    from server.core.errors import ModelNotFound
 
     try:
         return PROFILES[model_id]

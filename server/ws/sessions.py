@@ -43,8 +43,8 @@ from typing import Any, Callable
 
 from starlette.websockets import WebSocket
 
-from server.events import EventKind, JobEvent, Subscriber
-from server.jobs import JobRecord, JobStatus
+from server.core.events import EventKind, JobEvent, Subscriber
+from server.core.jobs import JobRecord, JobStatus
 
 log = logging.getLogger(__name__)
 

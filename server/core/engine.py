@@ -20,14 +20,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server import files
-from server.errors import JobNotCancellable, JobNotFound, QueueFull, ShuttingDown, StorageUnavailable
-from server.events import EventHub, EventKind, JobEvent, Subscriber
-from server.execution import JobRunner
-from server.generation import Generator, Upscaler
-from server.jobs import JobRecord, JobStatus
-from server.spec import JobSpec
-from server.store import JobStore
+from server.core import files
+from server.core.errors import JobNotCancellable, JobNotFound, QueueFull, ShuttingDown, StorageUnavailable
+from server.core.events import EventHub, EventKind, JobEvent, Subscriber
+from server.core.runner import JobRunner
+from server.core.generation import Generator, Upscaler
+from server.core.jobs import JobRecord, JobStatus
+from server.core.spec import JobSpec
+from server.core.store import JobStore
 
 log = logging.getLogger(__name__)
 SHUTDOWN_REASON = "server shutting down"

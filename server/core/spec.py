@@ -12,9 +12,9 @@ import json
 import secrets
 from dataclasses import asdict, dataclass
 
-from server.errors import InvalidRequest
-from server.generation import GenerationRequest, preview_interval_for
-from server.profiles import ModelProfile
+from server.core.errors import InvalidRequest
+from server.core.generation import GenerationRequest, preview_interval_for
+from server.core.profiles import ModelProfile
 
 TASK_TEXT_TO_IMAGE = "text_to_image"
 MAX_SEED = 2**63 - 1

@@ -11,8 +11,8 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 
-from server.errors import IllegalTransition
-from server.spec import JobSpec
+from server.core.errors import IllegalTransition
+from server.core.spec import JobSpec
 
 
 class JobStatus(str, Enum):
