@@ -109,14 +109,16 @@ def free_port() -> int:
 class ServerProc:
     """A server in a child process, ready when /health answers. ``args`` go to the launcher."""
 
-    def __init__(self, *args: str, module: bool = False):
+    def __init__(self, *args: str, module: bool = False, launcher: tuple[str, ...] = ("-m", "server")):
+        """``module``: the real entrypoint, ``launcher`` (e.g. ``-m server.testing.serve --fake-step-s 0.05``:
+        the same entry over the FakeGenerator)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
         self.tmp = tempfile.TemporaryDirectory(prefix="t2i-bench-")
         out = str(Path(self.tmp.name) / "outputs")
         if module:  # the real entrypoint
-            base = [sys.executable, "-m", "server", "--cache-dir", str(CACHE), "--output-dir", out]
+            base = [sys.executable, *launcher, "--cache-dir", str(CACHE), "--output-dir", out]
         else:  # bench/_server.py: a FakeGenerator and /_bench routes
             base = [sys.executable, str(REPO / "bench" / "_server.py"), "--output-dir", out]
         self.args = [*base, "--host", "127.0.0.1", "--port", str(self.port), *args]

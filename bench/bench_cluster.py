@@ -1,9 +1,10 @@
 """Scale-out (issue 9): API nodes and GPU workers as separate processes over one Redis.
 
 One ``redis-server`` (loopback, no persistence) holds two deployments side by side (key prefixes
-``a:`` and ``b:``), each a real ``python -m server --role api`` node plus ``--role worker``
-processes over the FakeGenerator (``T2I_FAKE_GENERATOR_STEP_S``): deployment A has 1 worker, B has
-2. Measures, every repeat running each variant (interleaved, alternating order):
+``a:`` and ``b:``), each a real ``--role api`` node plus ``--role worker`` processes over the
+FakeGenerator (``python -m server.testing.serve --fake-step-s``: the ``python -m server`` entry with
+the fake injected): deployment A has 1 worker, B has 2. Measures, every repeat running each
+variant (interleaved, alternating order):
 
 - step event -> SSE client latency across nodes: the client's receive time of each step event
   (``bench/_common.sse_post``: raw h11, stamped when ``read`` returns) minus the event's
@@ -65,10 +66,11 @@ class Redis:
         self.proc.wait(10)
 
 
-def node(redis_url: str, role: str, prefix: str, node_id: str, shared: Path) -> ServerProc:
+def node(redis_url: str, role: str, prefix: str, node_id: str, shared: Path, step_s: float) -> ServerProc:
     return ServerProc("--backend", redis_url, "--role", role, "--key-prefix", prefix, "--node-id", node_id,
                       "--model", MODEL, "--output-dir", str(shared), "--preview-percent", "5", "--max-queue", "512",
-                      "--log-level", "WARNING", module=True)
+                      "--log-level", "WARNING", module=True,
+                      launcher=("-m", "server.testing.serve", "--fake-step-s", str(step_s)))
 
 
 def payload(prompt: str, steps: int, stream: bool) -> dict:
@@ -173,13 +175,15 @@ def main() -> None:
     parser.add_argument("--latency-steps", type=int, default=20)
     parser.add_argument("--submits", type=int, default=100)
     args = parser.parse_args()
-    os.environ["T2I_FAKE_GENERATOR_STEP_S"] = str(args.step_ms / 1000)  # workers' FakeGenerator
     info = machine()
     with tempfile.TemporaryDirectory(prefix="t2i-bench-cluster-") as tmp, Redis(Path(tmp)) as redis:
         shared_a, shared_b = Path(tmp) / "a", Path(tmp) / "b"
-        procs = [node(redis.url, "api", "a:", "api-a", shared_a), node(redis.url, "worker", "a:", "wa-1", shared_a),
-                 node(redis.url, "api", "b:", "api-b", shared_b), node(redis.url, "worker", "b:", "wb-1", shared_b),
-                 node(redis.url, "worker", "b:", "wb-2", shared_b)]
+        step_s = args.step_ms / 1000  # the workers' FakeGenerator
+        procs = [node(redis.url, "api", "a:", "api-a", shared_a, step_s),
+                 node(redis.url, "worker", "a:", "wa-1", shared_a, step_s),
+                 node(redis.url, "api", "b:", "api-b", shared_b, step_s),
+                 node(redis.url, "worker", "b:", "wb-1", shared_b, step_s),
+                 node(redis.url, "worker", "b:", "wb-2", shared_b, step_s)]
         for proc in procs:
             proc.__enter__()
         try:

@@ -15,53 +15,26 @@ from server.config import Settings, parse_cli
 log = logging.getLogger("server")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, generator=None, upscaler=None) -> int:
+    """``generator``/``upscaler``: None builds the real ones (``server.testing.serve`` passes fakes)."""
     settings = parse_cli(argv)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from server.app import cuda_available, create_app, default_generator
-    from server.core.catalog import resolve_default_model
-    from server.core.errors import ServerError
-
-    if settings.backend:
-        return serve_cluster_role(settings)
-    try:
-        model = resolve_default_model(settings.model, cuda_available())
-        generator = default_generator(settings)
-        log.info("loading %s ...", model)
-        generator.load(model, None)
-    except ServerError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 2
-    return serve(settings, create_app(settings, generator=generator, default_model=model))
+    return launch(settings, generator, upscaler)
 
 
-def serve_cluster_role(settings: Settings) -> int:
-    """``--backend redis://... --role api|worker|all`` (server/cluster/roles.py, docs/scale-out.md).
-    An API node loads no model; ``auto`` names the model a CUDA worker would serve."""
-    from server.app import NO_UPSCALER, create_app, default_generator, default_upscaler
-    from server.core.catalog import resolve_default_model
-    from server.cluster.roles import RemoteGenerator, create_worker_app, fake_generator_from_env
+def launch(settings: Settings, generator=None, upscaler=None) -> int:
+    """Every role (server/bootstrap.py): load the model before binding, then serve. With a backend
+    ``--role api|worker|all`` (docs/scale-out.md); an API node loads no model."""
+    from server.app import app_for_role
+    from server.bootstrap import prepare, resolve_model
     from server.core.errors import ServerError
 
     try:
-        from server.app import cuda_available
-
-        model = resolve_default_model(settings.model, settings.role == "api" or (settings.model == "auto" and cuda_available()))
-        fake = fake_generator_from_env()
-        if settings.role == "api":
-            return serve(settings, create_app(settings, generator=RemoteGenerator(), upscaler=NO_UPSCALER,
-                                              default_model=model))
-        generator, upscaler = fake if fake is not None else (default_generator(settings), None)
-        log.info("loading %s ...", model)
-        generator.load(model, None)
-        if upscaler is None:
-            upscaler = default_upscaler(settings)
+        inference = prepare(settings, resolve_model(settings), generator, upscaler)
     except ServerError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
-    if settings.role == "worker":
-        return serve(settings, create_worker_app(settings, generator, upscaler, model))
-    return serve(settings, create_app(settings, generator=generator, upscaler=upscaler, default_model=model))
+    return serve(settings, app_for_role(settings, inference))
 
 
 def serve(settings: Settings, app) -> int:

@@ -1,4 +1,6 @@
-"""The FastAPI application. The lifespan owns the engine; handlers reach it through ``app.state``.
+"""The FastAPI applications: ``create_app`` (every route; single node and the ``api``/``all``
+roles) and ``create_worker_app`` (the ``worker`` role: ``GET /health`` and ``GET /metrics`` only).
+Both start their engines in ``server.bootstrap.lifespan``; handlers reach them through ``app.state``.
 
 ``create_app`` takes an optional generator/upscaler so tests (and benchmarks) can hand it a fake
 one; by default it builds the real diffusers generator and the Real-ESRGAN upscaler.
@@ -6,124 +8,67 @@ one; by default it builds the real diffusers generator and the Real-ESRGAN upsca
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import re
-import time
-from contextlib import asynccontextmanager
-
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 
 from server import __version__
-from server.core.catalog import Catalog, resolve_default_model
+from server.bootstrap import NO_UPSCALER, Inference, build_catalog, lifespan, resolve_model
 from server.config import Settings
-from server.core.engine import EngineConfig, JobEngine
-from server.core.generation import Generator, Upscaler
+from server.core.generation import Generator
 from server.metrics import Metrics
-from server.core.store import SQLiteJobStore
+from server.origins import add_cors
 
-log = logging.getLogger(__name__)
-NO_UPSCALER = object()
-
-
-def cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
-def default_generator(settings: Settings) -> Generator:
-    from server.model import DiffusersGenerator
-
-    return DiffusersGenerator(settings.cache_dir, device=settings.device, max_resident=settings.max_resident_models)
-
-
-def default_upscaler(settings: Settings) -> Upscaler:
-    from server.inference.upscale import RealESRGANUpscaler
-
-    return RealESRGANUpscaler(settings.cache_dir, weights_path=settings.upscaler_weights, device=settings.device,
-                              tile=settings.upscale_tile)
-
-
-def build_catalog(settings: Settings, default_model: str) -> Catalog:
-    served = tuple(dict.fromkeys([default_model, *settings.extra_models]))
-    return Catalog(default_model=default_model, served=served, aliases=settings.alias_map(default_model),
-                   created=int(time.time()))
+# NO_UPSCALER and build_catalog are re-exported: tests and benchmarks import them from here.
+__all__ = ["NO_UPSCALER", "app_for_role", "build_catalog", "create_app", "create_worker_app"]
 
 
 def create_app(settings: Settings, generator: Generator | None = None, upscaler=None,
                default_model: str | None = None) -> FastAPI:
-    """``upscaler``: None builds the real one; ``NO_UPSCALER`` serves without upscaling."""
-    default_model = default_model or resolve_default_model(settings.model, cuda_available())
-    catalog = build_catalog(settings, default_model)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        if settings.backend:  # scale-out over Redis/Valkey: server/cluster, docs/scale-out.md
-            from server.cluster.roles import cluster_lifespan
-
-            gen, up = generator, None if upscaler is NO_UPSCALER else upscaler
-            if settings.role == "all":  # this process is also a GPU worker
-                gen = gen if gen is not None else default_generator(settings)
-                up = None if upscaler is NO_UPSCALER else (up if up is not None else default_upscaler(settings))
-            async with cluster_lifespan(app, settings, catalog, gen, up):
-                yield
-            return
-        gen = generator if generator is not None else default_generator(settings)
-        up = None if upscaler is NO_UPSCALER else (upscaler if upscaler is not None else default_upscaler(settings))
-        await asyncio.to_thread(gen.load, catalog.default_model, None)
-        store = await SQLiteJobStore(settings.db_path).open()
-        config = EngineConfig(output_dir=settings.output_dir, max_in_flight=settings.max_in_flight,
-                              max_queue=settings.max_queue, max_queue_per_client=settings.max_queue_per_client,
-                              preview_max_side=settings.preview_max_side, png_compress_level=settings.png_compress_level)
-        engine = JobEngine(config, gen, up, store, metrics=app.state.metrics)
-        app.state.metrics.bind(engine)
-        await engine.start()
-        app.state.engine, app.state.generator = engine, gen
-        if get_demo(catalog):
-            log.warning("serving %s: a RANDOM-WEIGHT DEMO model; images are noise, not art", catalog.default_model)
-        try:
-            yield
-        finally:
-            await engine.stop(settings.shutdown_grace_s)
-            await store.close()
-
-    app = FastAPI(title="t2i-server", version=__version__, lifespan=lifespan)
-    app.state.settings, app.state.catalog = settings, catalog
-    app.state.metrics = Metrics()
+    """``upscaler``: None builds the real one; ``NO_UPSCALER`` serves without upscaling.
+    ``default_model`` None: resolved from ``settings.model``."""
+    catalog = build_catalog(settings, default_model or resolve_model(settings))
+    metrics = Metrics()
+    app = FastAPI(title="t2i-server", version=__version__,
+                  lifespan=lifespan(settings, catalog, metrics, generator, upscaler))
+    app.state.settings, app.state.catalog, app.state.metrics = settings, catalog, metrics
     _add_body_limit(app, settings)
-    _add_cors(app, settings)  # added last: outermost, so even a 413 carries the CORS headers
+    add_cors(app, settings)  # added last: outermost, so even a 413 carries the CORS headers
     _add_routes(app)
     return app
 
 
-def get_demo(catalog: Catalog) -> bool:
-    return any(profile.is_demo for profile in catalog.profiles())
+def create_worker_app(settings: Settings, generator: Generator | None = None, upscaler=None,
+                      default_model: str | None = None) -> FastAPI:
+    """The ``worker`` role's app: a ``RedisWorker`` plus ``/health`` and ``/metrics``, so
+    orchestrators and tests can see it is alive; no job routes. Arguments as for ``create_app``."""
+    catalog = build_catalog(settings, default_model or resolve_model(settings))
+    metrics = Metrics()
+    app = FastAPI(title="t2i-server worker", version=__version__,
+                  lifespan=lifespan(settings, catalog, metrics, generator, upscaler))
+    app.state.settings, app.state.catalog, app.state.metrics = settings, catalog, metrics
+    app.add_api_route("/health", _worker_health, methods=["GET"])
+    app.add_api_route("/metrics", _worker_metrics, methods=["GET"])
+    return app
 
 
-# Browsers on localhost (any port) and pages opened from disk (Origin: null, web_client.html) may
-# call the API; any other origin must be listed in T2I_CORS_ORIGINS. Same-origin needs no CORS.
-LOCALHOST_ORIGINS = r"^https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?$"
+def app_for_role(settings: Settings, inference: Inference) -> FastAPI:
+    """The app of ``settings.role`` over what ``bootstrap.prepare`` built."""
+    factory = create_worker_app if settings.backend and settings.role == "worker" else create_app
+    return factory(settings, generator=inference.generator, upscaler=inference.upscaler or NO_UPSCALER,
+                   default_model=inference.default_model)
 
 
-def origin_allowed(origin: str, host: str | None, settings: Settings) -> bool:
-    """The CORS allowlist, for requests that CORS does not cover (WebSocket handshakes): the
-    server's own origin (``Origin`` names the ``Host`` asked for), localhost, ``null`` and
-    ``settings.cors_origins``."""
-    if origin == "null" or origin in settings.cors_origins or re.match(LOCALHOST_ORIGINS, origin):
-        return True
-    scheme, sep, netloc = origin.partition("://")
-    return bool(sep) and scheme in ("http", "https") and host is not None and netloc.lower() == host.lower()
+async def _worker_health(request: Request) -> dict:
+    state = request.app.state
+    worker = state.worker
+    return {"status": "ok" if worker.accepting else "shutting_down", "role": "worker", "node_id": worker.node_id,
+            "model": state.catalog.default_model, "generator": state.generator.describe(),
+            "completed": worker.completed, "job_id": worker.current_job_id, "version": __version__}
 
 
-def _add_cors(app: FastAPI, settings: Settings) -> None:
-    from fastapi.middleware.cors import CORSMiddleware
+async def _worker_metrics(request: Request) -> Response:
+    from prometheus_client import CONTENT_TYPE_LATEST
 
-    app.add_middleware(CORSMiddleware, allow_origins=["null", *settings.cors_origins],
-                       allow_origin_regex=LOCALHOST_ORIGINS, allow_methods=["GET", "POST", "OPTIONS"],
-                       allow_headers=["Authorization", "Content-Type"], expose_headers=["Retry-After"])
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 def _add_body_limit(app: FastAPI, settings: Settings) -> None:
@@ -133,7 +78,7 @@ def _add_body_limit(app: FastAPI, settings: Settings) -> None:
 
 
 def _add_routes(app: FastAPI) -> None:
-    from server import routes_openai, routes_ws, routes_misc
+    from server import routes_misc, routes_openai, routes_ws
 
     routes_misc.install(app)
     routes_openai.install(app)

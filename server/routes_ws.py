@@ -23,12 +23,12 @@ from fastapi import FastAPI, WebSocket
 from pydantic import ValidationError
 
 from server.ws import schemas as wire
-from server.app import origin_allowed
 from server.auth import authenticate, bearer_token
 from server.core.engine import JobEngine
 from server.core.errors import AuthenticationFailed, InvalidRequest, ServerError
 from server.core.jobs import JobStatus
 from server.core.spec import JobSpec, Limits, SpecInput, normalize
+from server.origins import origin_allowed
 from server.ws.sessions import (CLOSE_BAD_REQUEST, CLOSE_FORBIDDEN, CLOSE_TOO_MANY, CLOSE_UNAUTHORIZED,
                                 MAX_CONNECTIONS_PER_CLIENT, Connection, Renderer, Session, SessionRegistry)
 

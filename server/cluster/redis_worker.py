@@ -291,3 +291,7 @@ class RedisWorker:
                     raise
                 await asyncio.sleep(delay)
                 delay = min(1.0, delay * 2)
+
+    @property
+    def current_job_id(self) -> str | None:
+        return self._claim.active.job_id if self._claim is not None else None

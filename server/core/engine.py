@@ -69,6 +69,14 @@ class EngineConfig:
     png_compress_level: int = 3
     finished_cache_size: int = 10_000
 
+    @classmethod
+    def from_settings(cls, settings, **overrides) -> "EngineConfig":
+        """The engine's part of the server settings (``server.config.Settings``)."""
+        values = dict(output_dir=settings.output_dir, max_in_flight=settings.max_in_flight,
+                      max_queue=settings.max_queue, max_queue_per_client=settings.max_queue_per_client,
+                      preview_max_side=settings.preview_max_side, png_compress_level=settings.png_compress_level)
+        return cls(**{**values, **overrides})
+
 
 def scoped_job_id(spec: JobSpec, owner: str | None) -> str:
     """The job id: the spec's hash, or, when API keys scope jobs, a hash of owner and spec hash."""

