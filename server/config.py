@@ -24,7 +24,9 @@ class Settings(BaseSettings):
     port: int = 8000
     model: str = "auto"  # "auto": z-image-turbo with CUDA, tiny-z-image (random-weight demo) without
     extra_models: CommaList = []  # more model ids served besides ``model``
-    model_aliases: CommaList = ["gpt-image-1=default", "gpt-image-1-mini=default", "dall-e-3=default", "dall-e-2=default"]
+    # ``name=target`` pairs; a name may be a pattern (``dall-e-*=cogview4``). OpenAI image names
+    # (gpt-image-*, chatgpt-image-*, dall-e-*) need none: they mean the default model (core.catalog).
+    model_aliases: CommaList = []
     device: str | None = None  # None: cuda when available, else cpu
     max_resident_models: int = 1
     output_dir: Path = Path("outputs")
@@ -71,7 +73,8 @@ class Settings(BaseSettings):
         return self.output_dir / "jobs.sqlite3"
 
     def alias_map(self, default_model: str) -> dict[str, str]:
-        """``name=target`` pairs; target ``default`` means the server's default model."""
+        """``name=target`` pairs (name may be an fnmatch pattern); target ``default`` means the
+        server's default model."""
         aliases = {}
         for pair in self.model_aliases:
             name, _, target = pair.partition("=")

@@ -22,7 +22,7 @@ from starlette.background import BackgroundTask
 
 from server.core import files
 from server.auth import require_owner
-from server.core.catalog import Catalog
+from server.core.catalog import Catalog, is_dalle_name
 from server.config import Settings
 from server.core.engine import SHUTDOWN_REASON
 from server.core.errors import GenerationFailed, InvalidRequest, NotFound, OutOfMemory, ServerError, ShuttingDown
@@ -74,7 +74,7 @@ def plan_request(body: ImageGenerationRequest, catalog: Catalog, settings: Setti
         if exc.param in SIZE_PARAMS:
             raise InvalidRequest(exc.message, param=SIZE_PARAMS[exc.param]) from None
         raise
-    response_format = body.response_format or "b64_json"
+    response_format = body.response_format or ("url" if is_dalle_name(body.model) else "b64_json")
     return Plan(spec=spec, size=f"{spec.width}x{spec.height}", quality=body.quality or "auto",
                 response_format=response_format,
                 output_format="png" if response_format == "url" else (body.output_format or "png"),

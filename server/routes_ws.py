@@ -106,7 +106,7 @@ async def create_job(ctx: Context, message: wire.CreateJob) -> None:
                                          owner=session.owner, subscribe=True)
     record = submission.record
     ctx.conn.push_status(record, ctx.status(record, message.request_id), reply=True)
-    session.follow(submission.subscriber, preview=message.params.preview)
+    session.follow(submission.subscriber, preview=message.params.preview, request_id=message.request_id)
     log.info("job %s: ws client %s %s it", record.job_id[:12], session.interest,
              "created" if submission.created else "joined")
 
@@ -207,8 +207,9 @@ def _registry(app) -> SessionRegistry:
 
 
 def _renderer(app) -> Renderer:
-    return Renderer(status=lambda record: _render_status(app, record),
-                    progress=lambda event: wire.dump(wire.progress_message(event.job_id, event.progress)),
+    return Renderer(status=lambda record, request_id: _render_status(app, record, request_id),
+                    progress=lambda event, request_id: wire.dump(wire.progress_message(
+                        event.job_id, event.progress, request_id)),
                     preview=lambda event: wire.dump(wire.preview_message(event.job_id, event.preview)))
 
 

@@ -98,7 +98,7 @@ def gated_server(tmp_path):
 
 def wait_terminal(server, job_id: str) -> str:
     """Block until the job is finished (an engine event, not a poll); its final status."""
-    return server.call(terminal_record(server.core.engine, job_id, TIMEOUT)).status.value
+    return server.call(terminal_record(server.engine, job_id, TIMEOUT)).status.value
 
 
 # -- the happy path -------------------------------------------------------------------------------
@@ -132,11 +132,16 @@ def test_create_job_pushes_the_documented_sequence(fake_server):
     assert generated["result"]["local_path"] == f"outputs/{filename}"
     assert completed["status"] == "completed"
     result = completed["result"]
-    assert result["filename"] == filename and result["path"] == f"/api/image/{filename}"
+    assert result["filename"] == filename and result["path"] == result["local_path"] == f"outputs/{filename}"
+    assert result["url"] == f"/api/image/{filename}"
     assert result["upscaled_filename"].endswith("-upscaled.png") and result["upscale_error"] is None
+    assert result["upscaled_path"] == f"outputs/{result['upscaled_filename']}"
+    assert result["upscaled_url"] == f"/api/image/{result['upscaled_filename']}"
     assert after["status"] == "completed" and after["result"] == result
+    # Every push of the job carries the request_id of the create_job that made this client follow it.
+    assert {m.get("request_id") for m in messages} == {"q1"}
 
-    status, headers, data = http_get(fake_server, result["path"])
+    status, headers, data = http_get(fake_server, result["url"])
     assert status == 200 and headers["content-type"] == "image/png" and data.startswith(b"\x89PNG")
     assert "max-age" in headers["cache-control"]
     request = fake_server.generator.calls[0]
@@ -299,11 +304,12 @@ def test_reconnect_replays_statuses_and_lists_client_jobs(gated_server):
     job_id = run(first_visit())
     still_running = run(revisit(job_id))
     assert (still_running["type"], still_running["job_id"], still_running["status"]) == ("job_status", job_id, "processing")
+    assert still_running["request_id"] == "q1"
     gated_server.gate.set()
     assert wait_terminal(gated_server, job_id) == "completed"
     replay, jobs, status = run(after_finish(job_id))
     assert replay["job_id"] == job_id and replay["status"] == "completed" and replay["result"]["filename"]
-    assert "request_id" not in replay
+    assert replay["request_id"] == "q1"  # the create_job of the first visit
     assert jobs["type"] == "client_jobs"
     [listed] = jobs["jobs"]
     assert listed["job_id"] == job_id and listed["status"] == "completed" and listed["task_type"] == "text_to_image"
@@ -366,7 +372,7 @@ def test_upscale_failure_still_completes_with_the_original_image(tmp_path):
         result = messages[-1]["result"]
         assert messages[-1]["status"] == "completed"
         assert result["upscaled_filename"] is None and "upscaling failed" in result["upscale_error"]
-        assert http_get(server, result["path"])[0] == 200
+        assert http_get(server, result["url"])[0] == 200
 
 
 # -- API keys -------------------------------------------------------------------------------------
@@ -414,5 +420,5 @@ def test_end_to_end_with_the_tiny_model(tiny_server):
     assert messages[-1]["status"] == "completed", messages[-1]
     assert [m["progress"]["current_step"] for m in messages if m["type"] == "job_progress"] == [1, 2]
     assert "job_preview" in kinds and "generated" not in [m.get("status") for m in messages]
-    status, headers, data = http_get(tiny_server, messages[-1]["result"]["path"])
+    status, headers, data = http_get(tiny_server, messages[-1]["result"]["url"])
     assert status == 200 and headers["content-type"] == "image/png" and data.startswith(b"\x89PNG")

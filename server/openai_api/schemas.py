@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
 
 Quality = Literal["auto", "low", "medium", "high", "xhigh", "max", "standard", "hd"]
 OutputFormat = Literal["png", "jpeg", "webp"]
@@ -23,8 +23,11 @@ class ImageGenerationRequest(BaseModel):
     and booleans are strict, as the schema says: ``true`` is not a guidance scale, ``"4"`` not an n.
 
     - ``size``: ``"WxH"`` or ``"auto"`` (the model's default size); the bounds are the model's.
-    - ``response_format``: ``b64_json`` (default) or ``url``: an absolute URL of the stored PNG
-      (``output_format`` then does not apply and the response says ``png``).
+    - ``model``: a served id, a configured alias, or any OpenAI image name (``gpt-image-*``,
+      ``chatgpt-image-*``, ``dall-e-*``: the default model); anything else is a 404.
+    - ``response_format``: ``b64_json`` or ``url``: an absolute URL of the stored PNG (``output_format``
+      then does not apply and the response says ``png``). Default as OpenAI's: ``url`` for ``dall-e-*``
+      model names (DALL-E clients read ``data[0].url``), ``b64_json`` otherwise.
     - ``quality`` is accepted, validated and echoed back, but **does not change the image**: the
       served models are step-distilled to a fixed step count, where fewer steps ruin the image and
       more add nothing, so quality-to-steps would be a trap. Ask for ``num_inference_steps`` to
@@ -42,16 +45,21 @@ class ImageGenerationRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     prompt: str = Field(description="What to draw; required, non-empty.")
-    model: str | None = Field(None, description="A served model id or an alias such as gpt-image-1; null: the default.")
-    n: StrictInt | None = Field(None, ge=1, description="Images to generate: 1 up to the server's max_n (4 unless configured).")
+    model: str | None = Field(None, description="A served model id, an alias, or an OpenAI image name such as "
+                                                "gpt-image-2 or dall-e-3 (the default model); null: the default.")
+    n: StrictInt | None = Field(None, ge=1, description="Images to generate: 1 up to the server's max_n "
+                                                        "(4 unless configured; OpenAI allows 10).")
     size: str | None = Field(None, description='"WxH" (e.g. "512x512") or "auto".')
     response_format: Literal["b64_json", "url"] | None = None
     output_format: OutputFormat | None = None
     output_compression: StrictInt | None = Field(None, ge=0, le=100, description="jpeg/webp quality; 100 = best.")
     quality: Quality | None = Field(None, description="Echoed back; does not change generation.")
     background: Literal["transparent", "opaque", "auto"] | None = None
-    moderation: str | None = None  # accepted for compatibility; there is no moderation here
-    style: str | None = None  # dall-e-3 only upstream; ignored
+    # Accepted so that today's clients work unchanged; none of them changes the image here.
+    moderation: Literal["low", "auto"] | None = None  # there is no moderation here
+    style: Literal["vivid", "natural"] | None = None  # dall-e-3 only upstream
+    complexity: Literal["low", "medium", "high"] | None = None
+    safety_identifier: str | None = Field(None, description="Replaces `user` upstream; not used here.")
     user: str | None = None
     stream: StrictBool | None = None
     partial_images: StrictInt | None = Field(None, ge=0, le=3)
@@ -62,6 +70,14 @@ class ImageGenerationRequest(BaseModel):
     seed: StrictInt | None = Field(None, ge=0, description="Fixes the images; equal requests are one cached job.")
     upscale: StrictBool | None = Field(None, description="Also produce the Real-ESRGAN x4 image.")
     model_type: str | None = Field(None, description="Weight variant, e.g. uint4 or int8 for z-image-turbo.")
+
+    @field_validator("output_format", mode="before")
+    @classmethod
+    def _no_animation_or_vector(cls, value: object) -> object:
+        # OpenAI's newest models also make gif and svg; say plainly that this server cannot.
+        if value in ("gif", "svg"):
+            raise ValueError(f"'{value}' cannot be made by this server; use png, jpeg or webp")
+        return value
 
 
 class InputTokensDetails(BaseModel):

@@ -97,9 +97,11 @@ CLIENT_MESSAGES: dict[str, type[_Message]] = {
 class JobResultPayload(_Message):
     filename: str
     local_path: str  # '<output dir name>/<filename>': never a path outside the output dir
-    path: str  # the URL path that serves it: /api/image/<filename>
+    path: str  # the same as local_path, as the protocol was first documented
+    url: str  # the URL path that serves it: /api/image/<filename>
     upscaled_filename: str | None = None
-    upscaled_path: str | None = None
+    upscaled_path: str | None = None  # '<output dir name>/<upscaled filename>', like path
+    upscaled_url: str | None = None
     upscale_error: str | None = None  # why the job completed without its upscaled image
     seed: int | None = None
 
@@ -108,7 +110,7 @@ class JobStatusMessage(_Message):
     type: Literal["job_status"] = "job_status"
     job_id: str
     status: JobStatus
-    request_id: RequestId = None
+    request_id: RequestId = None  # replies: the request's; pushes: the create_job that made this client follow
     queue_position: int | None = None  # pending only: 0 = next to run
     result: JobResultPayload | None = None  # generated and completed
     error: str | None = None  # failed
@@ -130,6 +132,7 @@ class JobProgressMessage(_Message):
     type: Literal["job_progress"] = "job_progress"
     job_id: str
     progress: ProgressPayload
+    request_id: RequestId = None  # as on job_status pushes
 
 
 class PreviewPayload(_Message):
@@ -204,13 +207,15 @@ def result_payload(record: JobRecord, output_name: str) -> JobResultPayload | No
     if record.result is None or not record.result.images:
         return None
     image = record.result.images[0]
-    payload = JobResultPayload(filename=image.filename, local_path=f"{output_name}/{image.filename}",
-                               path=f"/api/image/{image.filename}",
+    local_path = f"{output_name}/{image.filename}"
+    payload = JobResultPayload(filename=image.filename, local_path=local_path, path=local_path,
+                               url=f"/api/image/{image.filename}",
                                seed=record.result.seeds[0] if record.result.seeds else None)
     if record.status is JobStatus.COMPLETED:
         upscaled = image.upscaled_filename
         payload.upscaled_filename = upscaled
-        payload.upscaled_path = f"/api/image/{upscaled}" if upscaled else None
+        payload.upscaled_path = f"{output_name}/{upscaled}" if upscaled else None
+        payload.upscaled_url = f"/api/image/{upscaled}" if upscaled else None
         payload.upscale_error = record.result.upscale_error
     return payload
 
@@ -231,11 +236,14 @@ def status_message(record: JobRecord, output_name: str, queue_position: int | No
     return message
 
 
-def progress_message(job_id: str, progress: Progress) -> JobProgressMessage:
+def progress_message(job_id: str, progress: Progress, request_id: RequestId = None) -> JobProgressMessage:
     payload = ProgressPayload(percentage=progress.percentage, current_step=progress.overall_step,
                               total_steps=progress.overall_total, elapsed=mm_ss(progress.elapsed_s),
                               remaining=mm_ss(progress.remaining_s), speed=speed_text(progress.seconds_per_step))
-    return JobProgressMessage(job_id=job_id, progress=payload)
+    message = JobProgressMessage(job_id=job_id, progress=payload)
+    if request_id is not None:
+        message.request_id = request_id
+    return message
 
 
 def preview_message(job_id: str, preview: PreviewImage) -> JobPreviewMessage:

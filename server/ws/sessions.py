@@ -197,6 +197,9 @@ class Subscription:
     job_id: str
     subscriber: Subscriber
     preview: bool = False
+    # The create_job that made this client follow the job: every push of it carries this id, so a
+    # client can match pushes to its requests (each client its own, even on a deduplicated job).
+    request_id: str | int | None = None
     record: JobRecord | None = None
     task: asyncio.Task | None = None
 
@@ -207,10 +210,11 @@ class Subscription:
 
 @dataclass
 class Renderer:
-    """Turns engine records and events into wire dicts; built by the route module."""
+    """Turns engine records and events into wire dicts; built by the route module. The second
+    argument is the subscription's request_id (None: none)."""
 
-    status: Callable[[JobRecord], dict]
-    progress: Callable[[JobEvent], dict]
+    status: Callable[[JobRecord, Any], dict]
+    progress: Callable[[JobEvent, Any], dict]
     preview: Callable[[JobEvent], dict]
 
 
@@ -242,13 +246,14 @@ class Session:
             if record is None:
                 continue  # its pump has not run yet: it will deliver to this connection too
             if not record.status.is_terminal or self.delivered.get(sub.job_id, ()) < status_key(record):
-                conn.push_status(record, self.render.status(record))
+                conn.push_status(record, self.render.status(record, sub.request_id))
 
     # -- subscriptions ------------------------------------------------------------------------
 
-    def follow(self, subscriber: Subscriber, preview: bool) -> None:
+    def follow(self, subscriber: Subscriber, preview: bool, request_id: str | int | None = None) -> None:
         """Pump ``subscriber``'s events to this client's connections. Following a job already
-        followed (and unfinished) only records the preview wish and closes the extra subscriber."""
+        followed (and unfinished) only records the preview wish and closes the extra subscriber:
+        its pushes keep the request_id of the create_job that started following it."""
         current = self.subscriptions.get(subscriber.job_id)
         if current is not None and not current.finished:
             current.preview = current.preview or preview
@@ -256,7 +261,7 @@ class Session:
             return
         if current is not None:
             self._drop(current)
-        sub = Subscription(subscriber.job_id, subscriber, preview)
+        sub = Subscription(subscriber.job_id, subscriber, preview, request_id)
         sub.task = asyncio.create_task(self._pump(sub), name=f"ws-pump-{subscriber.job_id[:12]}")
         self.subscriptions[sub.job_id] = sub
 
@@ -300,11 +305,11 @@ class Session:
     def _dispatch(self, sub: Subscription, event: JobEvent) -> None:
         if event.kind is EventKind.STATUS and event.record is not None:
             sub.record = event.record
-            payload = self.render.status(event.record)
+            payload = self.render.status(event.record, sub.request_id)
             for conn in list(self.connections):
                 conn.push_status(event.record, payload)
         elif event.kind is EventKind.PROGRESS and event.progress is not None:
-            payload = self.render.progress(event)
+            payload = self.render.progress(event, sub.request_id)
             for conn in list(self.connections):
                 conn.push_coalesced("progress", sub.job_id, payload)
         elif event.kind is EventKind.PREVIEW and sub.preview and event.preview is not None:

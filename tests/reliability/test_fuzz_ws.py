@@ -78,12 +78,19 @@ def hostile_frame(rng: random.Random, index: int) -> tuple[str | bytes, str | No
 
 
 async def _reply(client, expected_rid) -> dict:
-    """The reply to the frame just sent: an error, or a message carrying its request_id."""
+    """The reply to the frame just sent: an error, or a message carrying its request_id. Pushes of
+    a job carry the request_id of the create_job it came from, which was answered already: a
+    request_id seen on an earlier reply marks a push, skipped here."""
+    answered = client.__dict__.setdefault("answered_rids", set())
     while True:
         message = await client.recv(timeout=TIMEOUT)
+        if message.get("type") != "error" and message.get("request_id") in answered:
+            continue
         if message.get("type") == "error" or message.get("request_id") is not None:
             if expected_rid is not None and message.get("type") != "error":
                 assert message["request_id"] == expected_rid, message
+            if message.get("request_id") is not None:
+                answered.add(message["request_id"])
             return message
 
 
