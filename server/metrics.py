@@ -6,6 +6,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from server.core.states import ACTIVE
+
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
@@ -19,11 +21,11 @@ class Metrics:
                                          buckets=LATENCY_BUCKETS, registry=self.registry)
         self.sse_streams = Gauge("t2i_active_sse_streams", "Open SSE streams", registry=self.registry)
         self.ws_connections = Gauge("t2i_websocket_connections", "Open WebSocket connections", registry=self.registry)
-        self._engine = None
+        self.engine = None  # bound once the engine exists (the lifespan)
         self.registry.register(_EngineCollector(self))
 
     def bind(self, engine) -> None:
-        self._engine = engine
+        self.engine = engine
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -36,12 +38,12 @@ class _EngineCollector:
         self._metrics = metrics
 
     def collect(self):
-        engine = self._metrics._engine
+        engine = self._metrics.engine
         counts = engine.counts() if engine is not None else {}
         depth = GaugeMetricFamily("t2i_queue_depth", "Jobs waiting for the GPU")
         depth.add_metric([], counts.get("pending", 0))
         jobs = GaugeMetricFamily("t2i_jobs", "Unfinished jobs by state", labels=["status"])
-        for status in ("pending", "processing", "generated"):
-            jobs.add_metric([status], counts.get(status, 0))
+        for status in ACTIVE:
+            jobs.add_metric([status.value], counts.get(status.value, 0))
         yield depth
         yield jobs

@@ -20,25 +20,24 @@ from fastapi.responses import Response
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 
-from server.core import files
 from server.auth import require_owner
 from server.core.catalog import Catalog, is_dalle_name
 from server.config import Settings
-from server.core.engine import SHUTDOWN_REASON
-from server.core.errors import GenerationFailed, InvalidRequest, NotFound, OutOfMemory, ServerError, ShuttingDown
+from server.core.errors import InvalidRequest, NotFound
 from server.core.events import Subscriber
 from server.openai_api.errors import document_errors, install_error_handlers
 from server.core.jobs import JobRecord, JobStatus
 from server.openai_api.schemas import (ErrorEnvelope, ImageData, ImageGenerationRequest, ImagesResponse,
-                                   InputTokensDetails, ModelList, ModelObject, Usage)
+                                   ModelList, ModelObject)
 from server.core.spec import JobSpec, Limits, SpecInput, normalize
+from server.openai_api.resume import router as resume_router
+from server.openai_api.serving import ERRORS, final_images, job_failure, usage_for
 from server.streaming import FinalImage, OpenAIDialect, StepDialect, StreamContext, job_events, ping_event
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"])
 CLIENT_CLOSED = 499  # nginx's "client closed request": logged only, nobody reads it
 SIZE_PARAMS = {"width": "size", "height": "size", "steps": "num_inference_steps"}
-ERRORS = {status: {"model": ErrorEnvelope} for status in (400, 401, 404, 429, 500, 503)}
 TOO_LARGE = {413: {"model": ErrorEnvelope, "description": "The body is larger than max_body_bytes"}}
 
 
@@ -90,26 +89,6 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     if not (sep and width.isdigit() and height.isdigit()):
         raise InvalidRequest(f"size must be 'WIDTHxHEIGHT' (e.g. '512x512') or 'auto', not '{size[:40]}'", param="size")
     return int(width), int(height)
-
-
-def usage_for(spec: JobSpec) -> Usage:
-    """Rough, stable accounting: prompt words in, one token per 16x16 patch of every image out."""
-    text = len(spec.prompt.split())
-    image = (spec.width // 16) * (spec.height // 16) * spec.n
-    return Usage(input_tokens=text, output_tokens=image, total_tokens=text + image,
-                 input_tokens_details=InputTokensDetails(text_tokens=text, image_tokens=0))
-
-
-def job_failure(record: JobRecord) -> ServerError:
-    """The domain error for a job that ended without images."""
-    reason = record.error or "generation failed"
-    if record.status is JobStatus.CANCELLED:
-        return GenerationFailed(f"The job was cancelled: {reason}", code="job_cancelled")
-    if reason == SHUTDOWN_REASON:
-        return ShuttingDown(reason)
-    if reason.startswith("out of") and "memory" in reason:
-        return OutOfMemory(reason)
-    return GenerationFailed(reason)
 
 
 # -- routes ---------------------------------------------------------------------------------------
@@ -216,26 +195,6 @@ async def images_response(request: Request, plan: Plan, record: JobRecord) -> Im
                           upscale_error=result.upscale_error)
 
 
-async def final_images(settings: Settings, record: JobRecord, fmt: str, compression: int) -> list[FinalImage]:
-    """The job's images (and upscaled images) as base64 in ``fmt``; file work runs off the loop."""
-
-    def load() -> list[FinalImage]:
-        out = []
-        for index, (img, seed) in enumerate(zip(record.result.images, record.result.seeds)):
-            upscaled = _read_b64(settings, img.upscaled_filename, fmt, compression) if img.upscaled_filename else None
-            out.append(FinalImage(index, _read_b64(settings, img.filename, fmt, compression), seed, upscaled))
-        return out
-
-    return await asyncio.to_thread(load)
-
-
-def _read_b64(settings: Settings, filename: str, fmt: str, compression: int) -> str:
-    path = files.resolve_output(settings.output_dir, filename)
-    if path is None:
-        raise NotFound("The job's image file is no longer available; generate it again with another seed.")
-    return files.to_b64(files.read_as(path, fmt, compression))
-
-
 async def _terminal_unless_gone(subscriber: Subscriber, request: Request) -> JobRecord | None:
     """The job's terminal record, or None when the client disconnected first."""
 
@@ -273,9 +232,7 @@ async def _withdraw(request: Request, subscriber: Subscriber, job_id: str, inter
 
 
 def install(app: FastAPI) -> None:
-    from server.openai_api import resume as sse_resume  # it builds on this module's delivery helpers
-
     install_error_handlers(app)
     document_errors(app)
     app.include_router(router)
-    app.include_router(sse_resume.router)
+    app.include_router(resume_router)

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from server.ws import schemas as wire
 from server.auth import authenticate, bearer_token
-from server.core.engine import JobEngine
+from server.core.ports import Engine
 from server.core.errors import AuthenticationFailed, InvalidRequest, ServerError
 from server.core.jobs import JobStatus
 from server.core.spec import JobSpec, Limits, SpecInput, normalize
@@ -45,7 +45,7 @@ class Context:
     conn: Connection
 
     @property
-    def engine(self) -> JobEngine:
+    def engine(self) -> Engine:
         return self.websocket.app.state.engine
 
     @property

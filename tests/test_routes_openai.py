@@ -240,7 +240,7 @@ def test_api_keys(serve):
     one = client(server, api_key="k1").images.generate(prompt="keyed", size="64x64", extra_body={"seed": 3})
     two = client(server, api_key="k2").images.generate(prompt="keyed", size="64x64", extra_body={"seed": 3})
     assert one.job_id != two.job_id  # jobs are scoped per key
-    assert server.call(server.core.engine.get(one.job_id)).owner is not None
+    assert server.call(server.engine.get(one.job_id)).owner is not None
 
 
 def test_queue_full_is_429_with_retry_after(serve):

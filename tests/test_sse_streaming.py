@@ -52,12 +52,12 @@ def image(b64: str) -> Image.Image:
 
 
 def job_status(server, job_id: str) -> str:
-    return server.call(server.core.engine.get(job_id)).status.value
+    return server.call(server.engine.get(job_id)).status.value
 
 
 def wait_terminal(server, job_id: str, timeout: float = 10.0):
     """The job's terminal record, waiting on the engine's events (not on a clock)."""
-    return server.call(terminal_record(server.core.engine, job_id, timeout))
+    return server.call(terminal_record(server.engine, job_id, timeout))
 
 
 def wait_subscribers(server, job_id: str, count: int, timeout: float = 10.0) -> None:
@@ -65,7 +65,7 @@ def wait_subscribers(server, job_id: str, count: int, timeout: float = 10.0) -> 
     unsubscribing, so a drop in this count means the release has happened."""
 
     async def current() -> int:
-        return server.core.engine.hub.subscriber_count(job_id)
+        return server.engine.hub.subscriber_count(job_id)
 
     deadline, tick = time.monotonic() + timeout, threading.Event()
     while server.call(current()) != count:

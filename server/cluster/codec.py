@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, replace
 from server.core.events import EventKind, JobEvent, PreviewImage
 from server.core.jobs import JobRecord, JobResult, JobStatus, Progress
 from server.core.spec import JobSpec
+from server.core.store import parse_failure
 
 GROUP = "workers"
 
@@ -87,7 +88,8 @@ def record_from_hash(job_id: str, fields: dict[str, str]) -> JobRecord:
         job_id=job_id, spec=JobSpec.from_dict(json.loads(fields["spec"])), status=JobStatus(fields["status"]),
         created_at=float(fields["created_at"]), updated_at=float(fields["updated_at"]),
         result=JobResult.from_dict(json.loads(result)) if result else None,
-        error=fields.get("error") or None, owner=fields.get("owner") or None, attempt=int(fields.get("attempt") or 1))
+        error=fields.get("error") or None, failure=parse_failure(fields.get("failure")),
+        owner=fields.get("owner") or None, attempt=int(fields.get("attempt") or 1))
 
 
 def result_json(result: JobResult | None) -> str:
@@ -99,7 +101,8 @@ def status_from_entry(base: JobRecord, fields: dict[str, str]) -> JobRecord:
     result = fields.get("result") or ""
     return replace(base, status=JobStatus(fields["status"]), updated_at=float(fields["updated_at"]),
                    result=JobResult.from_dict(json.loads(result)) if result else None,
-                   error=fields.get("error") or None, attempt=int(fields.get("attempt") or 1))
+                   error=fields.get("error") or None, failure=parse_failure(fields.get("failure")),
+                   attempt=int(fields.get("attempt") or 1))
 
 
 def event_from_entry(base: JobRecord, entry_id: str, fields: dict[str, str]) -> JobEvent:

@@ -1,6 +1,5 @@
-"""The API-role engine over Redis/Valkey: the public surface of ``server.core.engine.JobEngine``
-(submit/cancel/release/get/client_jobs/queue_position/counts/accepting/subscribe/start/stop), so the
-protocol adapters run unchanged, with no GPU and no job state of its own.
+"""The API-role ``Engine`` (server.core.ports) over Redis/Valkey, so the protocol adapters run
+unchanged, with no GPU and no job state of its own.
 
 Queue: stream ``queue`` + consumer group ``workers``. Records: hash ``job:{id}`` keyed by the job
 id (the spec hash). Events: capped stream ``ev:{id}`` per job, latest preview in ``pv:{id}``.
@@ -25,7 +24,8 @@ from redis.exceptions import RedisError, ResponseError
 from server.cluster import scripts
 from server.cluster.codec import GROUP, Keys, client_name, connect, default_node_id, pairs, preview_event, reader_client, record_from_hash
 from server.cluster.streams import FeedReader
-from server.core.engine import EngineConfig, Submission, scoped_job_id
+from server.core.engine import scoped_job_id
+from server.core.ports import EngineConfig, Submission
 from server.core.errors import JobNotCancellable, JobNotFound, QueueFull, ShuttingDown
 from server.core.events import EventKind, JobEvent, Subscriber
 from server.core.jobs import JobRecord
@@ -185,6 +185,9 @@ class RedisEngine:
 
     def queue_position(self, job_id: str) -> int | None:
         return self._pending.get(job_id)
+
+    def health(self) -> dict:
+        return {"backend": "redis", "node_id": self.options.node_id}
 
     def counts(self) -> dict[str, int]:
         counts = {"pending": len(self._pending)} if self._pending else {}

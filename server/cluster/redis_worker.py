@@ -1,13 +1,12 @@
 """The worker role: takes jobs from the Redis queue and runs them with the unchanged ``JobRunner``.
 
-``JobRunner`` talks to its engine only through ``_move``, ``_finish``, ``hub.publish``, ``config``
-and ``metrics``; ``RedisWorker`` presents that surface:
+``RedisWorker`` is the ``JobHost`` (server.core.ports) of its runner:
 
-- ``_move``/``_finish`` run the fenced MOVE script: a worker whose job was reclaimed, cancelled
+- ``move``/``finish`` run the fenced MOVE script: a worker whose job was reclaimed, cancelled
   or finished elsewhere changes nothing and abandons the job (its cancel flag is set).
-- ``hub.publish`` (called on the loop for each step event) feeds a ``StepBuffer`` that keeps only
-  the newest progress and preview; a flusher task writes them with the STEP script, which also
-  heartbeats the queue entry and returns the cancel flag. The GPU thread never waits on Redis.
+- ``publish_step`` (called on the loop for each step event) feeds the claim's ``StepBuffer``, which
+  keeps only the newest progress and preview; a flusher task writes them with the STEP script, which
+  also heartbeats the queue entry and returns the cancel flag. The GPU thread never waits on Redis.
 
 Delivery: XAUTOCLAIM (entries idle past ``reclaim_idle_ms``: a dead or frozen worker's) first, then
 XREADGROUP. Heartbeats (XCLAIM JUSTID) happen only while the GPU makes progress (a step event since
@@ -21,25 +20,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from redis.exceptions import ConnectionError as RedisConnectionError, RedisError, ResponseError, TimeoutError as RedisTimeout
 
 from server.cluster import scripts
 from server.cluster.codec import GROUP, Keys, client_name, connect, pairs, reader_client, record_from_hash, result_json, step_payload
 from server.cluster.redis_engine import ClusterOptions, ensure_group
-from server.core.engine import ActiveJob, EngineConfig
 from server.core.events import EventKind, JobEvent
-from server.core.runner import JobRunner
-from server.core.jobs import JobRecord, JobStatus
+from server.core.jobs import JobRecord
+from server.core.ports import ActiveJob, EngineConfig
+from server.core.runner import JobRunner, report_finished
+from server.core.states import FailureCode, JobStatus
 
 log = logging.getLogger(__name__)
-FENCED_REASON = "taken over by another worker"
 RETRY_FOR_S = 30.0  # a state change is retried this long across a Redis outage
 
 
 class StepBuffer:
-    """Stands in for ``EventHub`` on a worker: bounded and coalescing (newest progress + newest preview)."""
+    """A claimed job's step events on their way to Redis: bounded and coalescing (newest progress +
+    newest preview)."""
 
     def __init__(self) -> None:
         self.progress: JobEvent | None = None
@@ -63,9 +62,6 @@ class StepBuffer:
         self.ready.clear()
         return events
 
-    def subscriber_count(self, job_id: str | None = None) -> int:
-        return 0
-
 
 class _Claim:
     def __init__(self, active: ActiveJob, fence: str, msg: str):
@@ -73,6 +69,7 @@ class _Claim:
         self.fenced = False
         self.last_beat = time.monotonic()
         self.beat_steps = 0
+        self.buffer = StepBuffer()
 
 
 class RedisWorker:
@@ -84,12 +81,10 @@ class RedisWorker:
         name = client_name("worker", options.node_id)
         self.redis = connect(options.url, 8, name=name)
         self._blocking = reader_client(options.url, name)
-        self.hub = StepBuffer()
         self._claim_script = self.redis.register_script(scripts.CLAIM)
         self._move_script = self.redis.register_script(scripts.MOVE)
         self._step_script = self.redis.register_script(scripts.STEP)
-        self._gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
-        self._runner = JobRunner(self, generator, upscaler, self._gpu)
+        self._runner = JobRunner(self, generator, upscaler)
         self._claim: _Claim | None = None
         self._flush_lock = asyncio.Lock()
         self._accepting = False
@@ -104,6 +99,11 @@ class RedisWorker:
     @property
     def node_id(self) -> str:
         return self.options.node_id
+
+    @property
+    def current_job_id(self) -> str | None:
+        """The job this worker runs now, if any (for /health)."""
+        return self._claim.active.job_id if self._claim is not None else None
 
     def counts(self) -> dict[str, int]:
         return {"processing": 1} if self._claim is not None else {}
@@ -131,12 +131,11 @@ class RedisWorker:
                         self._job_done.clear()
                         await self._job_done.wait()
             except TimeoutError:
-                log.warning("job %s: still running at shutdown; left for another worker", self._claim.active.job_id[:12])
+                log.warning("job %s: still running at shutdown; left for another worker", self.current_job_id[:12])
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
         self._task = None
         self._runner.shutdown()
-        self._gpu.shutdown(wait=False, cancel_futures=True)
         await self._blocking.aclose()
         await self.redis.aclose()
 
@@ -187,7 +186,7 @@ class RedisWorker:
             return
         fields = pairs(flat)
         claim = _Claim(ActiveJob(record=record_from_hash(job_id, fields)), fields["fence"], msg)
-        self._claim, self.hub = claim, StepBuffer()
+        self._claim = claim
         log.info("job %s: running on %s (delivery %s)", job_id[:12], self.node_id, fields.get("deliveries"))
         helpers = [asyncio.create_task(self._flusher(claim)), asyncio.create_task(self._heartbeat(claim))]
         try:
@@ -195,7 +194,8 @@ class RedisWorker:
         except Exception:  # the runner handles job errors; this guards the worker itself
             log.exception("job %s: unexpected error in the job runner", job_id[:12])
             if not claim.active.record.status.is_terminal:
-                await self._finish(claim.active, JobStatus.FAILED, error="internal server error")
+                await self.finish(claim.active, JobStatus.FAILED, error="internal server error",
+                                  failure=FailureCode.INTERNAL)
         finally:
             for task in helpers:
                 task.cancel()
@@ -203,9 +203,9 @@ class RedisWorker:
             self._claim = None
             self._job_done.set()
 
-    # -- the engine surface JobRunner uses ---------------------------------------------------
+    # -- JobHost: what JobRunner drives -------------------------------------------------------
 
-    async def _move(self, active: ActiveJob, status: JobStatus, **changes) -> JobRecord:
+    async def move(self, active: ActiveJob, status: JobStatus, **changes) -> JobRecord:
         active.record = active.record.moved_to(status, **changes)
         record, claim = active.record, self._claim
         if claim is None or claim.active is not active or claim.fenced:
@@ -213,7 +213,8 @@ class RedisWorker:
         await self._flush(claim)  # step events go ahead of the status that follows them
         args = [self.options.prefix, GROUP, active.job_id, self.node_id, claim.fence, status.value,
                 repr(record.updated_at), result_json(record.result), record.error or "",
-                "1" if status.is_terminal else "0", self.options.result_ttl_s, self.options.event_maxlen]
+                "1" if status.is_terminal else "0", self.options.result_ttl_s, self.options.event_maxlen,
+                record.failure.value if record.failure else ""]
         code, flag = await self._retry(self._move_script, args=args)
         if code == "fenced":
             self._fence_out(claim, f"at {status.value}: the job is {flag or 'gone'}")
@@ -221,34 +222,36 @@ class RedisWorker:
             active.cancel_flag.set()
         return record
 
-    async def _finish(self, active: ActiveJob, status: JobStatus, **changes) -> JobRecord:
-        record = await self._move(active, status, **changes)
+    async def finish(self, active: ActiveJob, status: JobStatus, **changes) -> JobRecord:
+        record = await self.move(active, status, **changes)
         claim = self._claim
         if claim is not None and not claim.fenced:
             self.completed += status is JobStatus.COMPLETED
-            if self.metrics is not None:
-                self.metrics.jobs_finished.labels(status.value).inc()
-            log.info("job %s: %s%s", active.job_id[:12], status.value, f" ({record.error})" if record.error else "")
+            report_finished(record, self.metrics)
         return record
+
+    def publish_step(self, active: ActiveJob, event: JobEvent) -> None:
+        claim = self._claim
+        if claim is not None and claim.active is active:
+            claim.buffer.publish(event)
 
     def _fence_out(self, claim: _Claim, why: str) -> None:
         claim.fenced = True
-        claim.active.cancel_reason = FENCED_REASON
-        claim.active.cancel_flag.set()  # a frozen worker that woke up stops at its next step
+        claim.active.request_cancel(FailureCode.WORKER_LOST)  # a frozen worker that woke up stops at its next step
         log.warning("job %s: fenced out on %s (%s); dropping it", claim.active.job_id[:12], self.node_id, why)
 
     # -- step events and heartbeat -----------------------------------------------------------
 
     async def _flusher(self, claim: _Claim) -> None:
-        buffer = self.hub
+        buffer = claim.buffer
         while not claim.fenced:
             await buffer.ready.wait()
             await self._flush(claim)
 
     async def _flush(self, claim: _Claim, beat: bool = False) -> None:
         async with self._flush_lock:
-            events = self.hub.take()
-            progressed = self.hub.steps != claim.beat_steps
+            events = claim.buffer.take()
+            progressed = claim.buffer.steps != claim.beat_steps
             due = time.monotonic() - claim.last_beat > self.options.reclaim_idle_ms / 4000
             beat = beat or (progressed and due)
             if (not events and not beat) or claim.fenced:
@@ -263,7 +266,7 @@ class RedisWorker:
                 log.warning("job %s: step events not written: %s", claim.active.job_id[:12], exc)
                 return
             if beat:
-                claim.last_beat, claim.beat_steps = time.monotonic(), self.hub.steps
+                claim.last_beat, claim.beat_steps = time.monotonic(), claim.buffer.steps
             if answer == 1:
                 claim.active.cancel_flag.set()
             elif answer == -1:
@@ -275,7 +278,7 @@ class RedisWorker:
         period = self.options.reclaim_idle_ms / 4000
         while not claim.fenced:
             await asyncio.sleep(period)
-            progressed = self.hub.steps != claim.beat_steps
+            progressed = claim.buffer.steps != claim.beat_steps
             if progressed or claim.active.record.status is JobStatus.GENERATED:
                 await self._flush(claim, beat=True)
 
@@ -291,7 +294,3 @@ class RedisWorker:
                     raise
                 await asyncio.sleep(delay)
                 delay = min(1.0, delay * 2)
-
-    @property
-    def current_job_id(self) -> str | None:
-        return self._claim.active.job_id if self._claim is not None else None

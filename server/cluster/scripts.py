@@ -13,22 +13,31 @@ Redis/Valkey (optionally with replicas), not Redis Cluster. Each script's contra
 - CANCEL: withdraw an interest; cancel a pending job at once, ask a running job's owner to stop
   (it sees the flag at its next step), or cancel at once when the owner looks dead.
 
-Job hash fields: spec status created_at updated_at result error owner attempt (the record), plus
+Status sets (terminal, cancellable) are generated from ``server.core.states``, the one state table;
+so is the reclaim move (processing -> pending), which CLAIM makes for a dead worker's job.
+
+Job hash fields: spec status created_at updated_at result error failure owner attempt (the record), plus
 worker fence deliveries cancel msg seq last_event (control). Fields are strings: Lua never decodes
 the spec JSON (cjson would round a 63-bit seed).
 """
 
 from __future__ import annotations
 
+from server.core.states import CANCELLABLE, TERMINAL, TRANSITIONS, FailureCode, JobStatus, lua_set
+
+# The reclaim is a move of the state table; it is asserted here so the script cannot drift from it.
+assert JobStatus.PENDING in TRANSITIONS[JobStatus.PROCESSING]
+
 COMMON = r"""
 local P = ARGV[1]
 local GROUP = ARGV[2]
 local function jk(id) return P .. 'job:' .. id end
-local function is_terminal(st) return st == 'completed' or st == 'failed' or st == 'cancelled' end
+""" + lua_set("is_terminal", TERMINAL) + "\n" + lua_set("is_cancellable", CANCELLABLE) + r"""
 local function emit_status(id, maxlen)
-  local f = redis.call('HMGET', jk(id), 'status', 'updated_at', 'result', 'error', 'attempt')
+  local f = redis.call('HMGET', jk(id), 'status', 'updated_at', 'result', 'error', 'attempt', 'failure')
   local eid = redis.call('XADD', P .. 'ev:' .. id, 'MAXLEN', '~', maxlen, '*', 'k', 'status',
-    'status', f[1], 'updated_at', f[2], 'result', f[3] or '', 'error', f[4] or '', 'attempt', f[5] or '1')
+    'status', f[1], 'updated_at', f[2], 'result', f[3] or '', 'error', f[4] or '', 'attempt', f[5] or '1',
+    'failure', f[6] or '')
   redis.call('HSET', jk(id), 'last_event', eid)
   return eid
 end
@@ -48,8 +57,8 @@ local function on_terminal(id, ttl)
     redis.call('EXPIRE', k, ttl)
   end
 end
-local function finish(id, status, err, now, ttl, maxlen)
-  redis.call('HSET', jk(id), 'status', status, 'error', err, 'updated_at', now)
+local function finish(id, status, err, failure, now, ttl, maxlen)
+  redis.call('HSET', jk(id), 'status', status, 'error', err, 'failure', failure, 'updated_at', now)
   redis.call('HINCRBY', jk(id), 'fence', 1)
   local eid = emit_status(id, maxlen)
   on_terminal(id, ttl)
@@ -70,7 +79,7 @@ local function link(active)
     redis.call('SADD', P .. 'ia:' .. interest, id)
   end
 end
-if st == 'pending' or st == 'processing' or st == 'generated' then
+if st and not is_terminal(st) then
   link(true)
   return {'joined', redis.call('HGETALL', key), redis.call('HGETALL', P .. 'pv:' .. id)}
 end
@@ -90,7 +99,7 @@ else
 end
 local seq = redis.call('INCR', P .. 'seq')
 local msg = redis.call('XADD', P .. 'queue', '*', 'id', id)
-redis.call('HSET', key, 'status', 'pending', 'updated_at', now, 'result', '', 'error', '', 'attempt', attempt,
+redis.call('HSET', key, 'status', 'pending', 'updated_at', now, 'result', '', 'error', '', 'failure', '', 'attempt', attempt,
   'deliveries', 0, 'cancel', '0', 'worker', '', 'msg', msg, 'seq', seq)
 redis.call('ZADD', P .. 'pending', seq, id)
 link(true)
@@ -110,11 +119,12 @@ if (not f[1]) or is_terminal(f[1]) or f[2] ~= msg then  -- finished, expired, or
 end
 local deliveries = redis.call('HINCRBY', key, 'deliveries', 1)
 if f[3] == '1' then
-  finish(id, 'cancelled', 'cancelled', now, ttl, maxlen)
+  finish(id, 'cancelled', 'cancelled', '""" + FailureCode.CANCELLED.value + r"""', now, ttl, maxlen)
   return {'cancelled', {}}
 end
 if deliveries > tonumber(ARGV[6]) then
-  finish(id, 'failed', 'the job stopped ' .. (deliveries - 1) .. ' workers; it is not retried', now, ttl, maxlen)
+  finish(id, 'failed', 'the job stopped ' .. (deliveries - 1) .. ' workers; it is not retried',
+    '""" + FailureCode.WORKER_LOST.value + r"""', now, ttl, maxlen)
   return {'poison', {}}
 end
 redis.call('HINCRBY', key, 'fence', 1)
@@ -123,7 +133,7 @@ redis.call('HSET', key, 'worker', worker, 'status', 'pending')
 return {'run', redis.call('HGETALL', key)}
 """
 
-# ARGV: P GROUP id worker fence status updated_at result error terminal ttl maxlen
+# ARGV: P GROUP id worker fence status updated_at result error terminal ttl maxlen failure
 # -> {'ok', cancel} | {'fenced', status}
 MOVE = COMMON + r"""
 local id = ARGV[3]
@@ -132,7 +142,8 @@ local f = redis.call('HMGET', key, 'worker', 'fence', 'status', 'cancel')
 if f[1] ~= ARGV[4] or f[2] ~= ARGV[5] or (not f[3]) or is_terminal(f[3]) then
   return {'fenced', f[3] or ''}
 end
-redis.call('HSET', key, 'status', ARGV[6], 'updated_at', ARGV[7], 'result', ARGV[8], 'error', ARGV[9])
+redis.call('HSET', key, 'status', ARGV[6], 'updated_at', ARGV[7], 'result', ARGV[8], 'error', ARGV[9],
+  'failure', ARGV[13])
 if ARGV[6] == 'processing' then
   redis.call('ZREM', P .. 'pending', id)
   redis.call('SADD', P .. 'running', id)
@@ -169,7 +180,7 @@ local id, interest, now, ttl, maxlen = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[
 local key = jk(id)
 local st = redis.call('HGET', key, 'status')
 if not st then return {'missing', {}} end
-if st ~= 'pending' and st ~= 'processing' then return {'not_cancellable', redis.call('HGETALL', key)} end
+if not is_cancellable(st) then return {'not_cancellable', redis.call('HGETALL', key)} end
 redis.call('SREM', P .. 'int:' .. id, interest)
 redis.call('SREM', P .. 'ia:' .. interest, id)
 if redis.call('SCARD', P .. 'int:' .. id) > 0 then return {'kept', redis.call('HGETALL', key)} end
@@ -180,7 +191,7 @@ if st == 'processing' then
   dead = (#pel == 0) or (tonumber(pel[1][3]) >= tonumber(ARGV[8]))
 end
 if st == 'pending' or dead then
-  finish(id, 'cancelled', 'cancelled', now, ttl, maxlen)
+  finish(id, 'cancelled', 'cancelled', '""" + FailureCode.CANCELLED.value + r"""', now, ttl, maxlen)
   return {'cancelled', redis.call('HGETALL', key)}
 end
 redis.call('HSET', key, 'cancel', '1')  -- the owning worker reads it with its next step

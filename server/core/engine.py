@@ -1,11 +1,8 @@
-"""The job engine: one core behind both protocols.
+"""``JobEngine``: the single-process ``Engine`` (server.core.ports), SQLite-backed.
 
-It owns the queue, the single GPU thread, dedup and the result cache, the state machine's
-side effects (persist, then announce) and the event fan-out. Adapters call ``submit``, ``cancel``,
-``release``, ``get`` and ``client_jobs``; they never touch a job's state themselves.
-
-Interest: every submit names an ``interest`` (a WebSocket client id, one HTTP request). A job is
-cancelled only when the last interest in it is withdrawn (``cancel`` or ``release``).
+It owns the queue, the GPU thread (through ``JobRunner``), dedup and the result cache, the state
+machine's side effects (persist, then announce) and the event fan-out. It is also the ``JobHost``
+its runner drives (``move``, ``finish``, ``publish_step``).
 """
 
 from __future__ import annotations
@@ -13,69 +10,50 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
+from contextlib import asynccontextmanager
 
 from server.core import files
 from server.core.errors import JobNotCancellable, JobNotFound, QueueFull, ShuttingDown, StorageUnavailable
 from server.core.events import EventHub, EventKind, JobEvent, Subscriber
-from server.core.runner import JobRunner
 from server.core.generation import Generator, Upscaler
-from server.core.jobs import JobRecord, JobStatus
+from server.core.jobs import JobRecord
+from server.core.ports import ActiveJob, EngineConfig, Submission
+from server.core.runner import JobRunner, report_finished
 from server.core.spec import JobSpec
+from server.core.states import CANCELLABLE, FAILURE_MESSAGES, FailureCode, JobStatus
 from server.core.store import JobStore
 
 log = logging.getLogger(__name__)
-SHUTDOWN_REASON = "server shutting down"
+SHUTDOWN_REASON = FAILURE_MESSAGES[FailureCode.SHUTDOWN]
+
+__all__ = ["ActiveJob", "EngineConfig", "JobEngine", "Submission", "scoped_job_id"]
 
 
-@dataclass
-class ActiveJob:
-    """Runtime state of an unfinished job; ``record`` is replaced on every transition."""
+class KeyedLocks:
+    """One asyncio lock per key, dropped when nobody holds or waits for it.
 
-    record: JobRecord
-    interests: set[str] = field(default_factory=set)
-    cancel_flag: threading.Event = field(default_factory=threading.Event)
-    cancel_reason: str = "cancelled"
-    enqueued_seq: int = 0
-    started_at: float = 0.0
-    latest_preview: JobEvent | None = None
-    status_history: list[JobEvent] = field(default_factory=list)  # replayed to late subscribers
-    client_ids: set[str] = field(default_factory=set)
+    Counting users (not ``lock.locked()``) matters: between a holder's release and the waiter's
+    wake-up the lock reads unlocked, and deleting it then let a newcomer run beside the waiter."""
 
-    @property
-    def job_id(self) -> str:
-        return self.record.job_id
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[asyncio.Lock, list[int]]] = {}
 
+    @asynccontextmanager
+    async def hold(self, key: str):
+        lock, users = self._entries.setdefault(key, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if users[0] == 0:
+                del self._entries[key]
 
-@dataclass(frozen=True)
-class Submission:
-    record: JobRecord  # the job's state when submit returned
-    created: bool  # False: deduplicated onto an existing job (or answered from the cache)
-    subscriber: Subscriber | None  # first event: the current status; None when subscribe=False
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    output_dir: Path
-    max_in_flight: int = 4
-    max_queue: int = 64
-    max_queue_per_client: int = 16
-    preview_max_side: int = 512
-    png_compress_level: int = 3
-    finished_cache_size: int = 10_000
-
-    @classmethod
-    def from_settings(cls, settings, **overrides) -> "EngineConfig":
-        """The engine's part of the server settings (``server.config.Settings``)."""
-        values = dict(output_dir=settings.output_dir, max_in_flight=settings.max_in_flight,
-                      max_queue=settings.max_queue, max_queue_per_client=settings.max_queue_per_client,
-                      preview_max_side=settings.preview_max_side, png_compress_level=settings.png_compress_level)
-        return cls(**{**values, **overrides})
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 def scoped_job_id(spec: JobSpec, owner: str | None) -> str:
@@ -94,15 +72,18 @@ class JobEngine:
         self.hub = EventHub()
         self._active: dict[str, ActiveJob] = {}
         self._finished: OrderedDict[str, JobRecord] = OrderedDict()
-        self._submit_locks: dict[str, asyncio.Lock] = {}
+        self._submit_locks = KeyedLocks()
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._seq = 0
         self._accepting = False
         self._idle = asyncio.Event()  # set whenever a job finishes
         self._stopping: asyncio.Future | None = None
         self._workers: list[asyncio.Task] = []
-        self._gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
-        self._runner = JobRunner(self, generator, upscaler, self._gpu)
+        self._runner = JobRunner(self, generator, upscaler)
+
+    @property
+    def runner(self) -> JobRunner:
+        return self._runner
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -126,17 +107,15 @@ class JobEngine:
         self._accepting = False
         for active in list(self._active.values()):
             if active.record.status is JobStatus.PENDING:
-                await self._finish(active, JobStatus.FAILED, error=SHUTDOWN_REASON)
+                await self.finish(active, JobStatus.FAILED, error=SHUTDOWN_REASON, failure=FailureCode.SHUTDOWN)
         if not await self._wait_idle(grace_s):
             for active in list(self._active.values()):
-                active.cancel_reason = SHUTDOWN_REASON
-                active.cancel_flag.set()
+                active.request_cancel(FailureCode.SHUTDOWN)
             await self._wait_idle(5.0)
         for worker in self._workers:
             worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._runner.shutdown()
-        self._gpu.shutdown(wait=False, cancel_futures=True)
 
     async def _wait_idle(self, timeout: float) -> bool:
         """True once no job is unfinished, False if ``timeout`` passed first."""
@@ -157,21 +136,12 @@ class JobEngine:
 
     async def submit(self, spec: JobSpec, *, interest: str, client_id: str | None = None,
                      owner: str | None = None, subscribe: bool = True) -> Submission:
-        """Create the job for ``spec`` or join the existing one (same id = same spec).
-
-        pending/processing/generated: join it (no new work). completed: answered from the cache.
-        failed/cancelled: runs again. Raises ``QueueFull`` / ``ShuttingDown``.
-        """
+        """``Engine.submit``. Submits of one job id are serialized; different ids run freely."""
         if not self._accepting:
             raise ShuttingDown("the server is shutting down and accepts no new jobs")
         job_id = scoped_job_id(spec, owner)
-        lock = self._submit_locks.setdefault(job_id, asyncio.Lock())
-        try:
-            async with lock:
-                return await self._submit_locked(job_id, spec, interest, client_id, owner, subscribe)
-        finally:
-            if not lock.locked() and self._submit_locks.get(job_id) is lock:
-                del self._submit_locks[job_id]
+        async with self._submit_locks.hold(job_id):
+            return await self._submit_locked(job_id, spec, interest, client_id, owner, subscribe)
 
     async def _submit_locked(self, job_id, spec, interest, client_id, owner, subscribe) -> Submission:
         active = self._active.get(job_id)
@@ -250,6 +220,11 @@ class JobEngine:
     def subscribe(self, record: JobRecord) -> Subscriber:
         return self._subscribe(record, self._active.get(record.job_id))
 
+    async def subscribe_from(self, job_id: str, last_event_id: str | None, owner: str | None = None) -> Subscriber:
+        """One process keeps no event log: always from the job's current status (its latest
+        preview may repeat one the client saw)."""
+        return self.subscribe(await self.get(job_id, owner))
+
     # -- queries -----------------------------------------------------------------------------
 
     async def _lookup(self, job_id: str) -> JobRecord | None:
@@ -282,6 +257,9 @@ class JobEngine:
         return sum(1 for a in self._active.values()
                    if a.record.status is JobStatus.PENDING and a.enqueued_seq < active.enqueued_seq)
 
+    def health(self) -> dict:
+        return {"backend": "sqlite", "active_jobs": len(self._active)}
+
     def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for active in self._active.values():
@@ -296,7 +274,7 @@ class JobEngine:
         Raises ``JobNotFound``, or ``JobNotCancellable`` for a job that is generated or finished."""
         record = await self.get(job_id, owner)
         active = self._active.get(job_id)
-        if active is None or record.status not in (JobStatus.PENDING, JobStatus.PROCESSING):
+        if active is None or record.status not in CANCELLABLE:
             raise JobNotCancellable(f"job is {record.status.value}; only pending or processing jobs can be cancelled",
                                     param="job_id")
         active.interests.discard(interest)
@@ -311,18 +289,18 @@ class JobEngine:
         if active is None:
             return
         active.interests.discard(interest)
-        if not active.interests and active.record.status in (JobStatus.PENDING, JobStatus.PROCESSING):
+        if not active.interests and active.record.status in CANCELLABLE:
             await self._cancel_now(active)
 
     async def _cancel_now(self, active: ActiveJob) -> None:
-        active.cancel_flag.set()  # a processing job stops at its next step boundary
+        active.request_cancel(FailureCode.CANCELLED)  # a processing job stops at its next step boundary
         if active.record.status is JobStatus.PENDING:
-            await self._finish(active, JobStatus.CANCELLED, error="cancelled")
+            await self.finish(active, JobStatus.CANCELLED, error="cancelled", failure=FailureCode.CANCELLED)
         log.info("job %s: cancel requested", active.job_id[:12])
 
-    # -- state changes (used by JobRunner) ----------------------------------------------------
+    # -- JobHost: state changes and step events of the jobs JobRunner runs ----------------------
 
-    async def _move(self, active: ActiveJob, status: JobStatus, **changes) -> JobRecord:
+    async def move(self, active: ActiveJob, status: JobStatus, **changes) -> JobRecord:
         # Assign before awaiting the store so that two racing moves see each other's result.
         active.record = active.record.moved_to(status, **changes)
         record = active.record
@@ -337,16 +315,17 @@ class JobEngine:
         active.status_history.append(event)
         return record
 
-    async def _finish(self, active: ActiveJob, status: JobStatus, **changes) -> JobRecord:
+    async def finish(self, active: ActiveJob, status: JobStatus, **changes) -> JobRecord:
         self._active.pop(active.job_id, None)
-        record = await self._move(active, status, **changes)
+        record = await self.move(active, status, **changes)
         active.status_history.clear()
-        if self.metrics is not None:
-            self.metrics.jobs_finished.labels(status.value).inc()
         self._remember(record)
         self._idle.set()
-        log.info("job %s: %s%s", active.job_id[:12], status.value, f" ({record.error})" if record.error else "")
+        report_finished(record, self.metrics)
         return record
+
+    def publish_step(self, active: ActiveJob, event: JobEvent) -> None:
+        self.hub.publish(event)
 
     def _announce(self, record: JobRecord) -> JobEvent:
         event = JobEvent(EventKind.STATUS, record.job_id, record=record)
@@ -370,4 +349,5 @@ class JobEngine:
             except Exception:  # the runner handles job errors; this guards the worker itself
                 log.exception("job %s: unexpected error in the job runner", job_id[:12])
                 if active.job_id in self._active:
-                    await self._finish(active, JobStatus.FAILED, error="internal server error")
+                    await self.finish(active, JobStatus.FAILED, error="internal server error",
+                                      failure=FailureCode.INTERNAL)

@@ -1,52 +1,19 @@
-"""Job records and the job state machine.
+"""Job records: immutable snapshots of a job, replaced on every state change.
 
-Every state change goes through ``check_transition``: the table below is the only place that says
-which changes are legal. A failed or cancelled job may be resubmitted, which starts it over as
-``pending`` (the same job id: the id is the spec's hash).
+Every change goes through ``JobRecord.moved_to``, which checks it against the transition table in
+``server.core.states`` (the statuses, failure codes and restart rule live there). A failed or
+cancelled job may be resubmitted, which starts it over as ``pending`` under the same job id.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field, replace
-from enum import Enum
 
-from server.core.errors import IllegalTransition
 from server.core.spec import JobSpec
+from server.core.states import FailureCode, JobStatus, check_transition
 
-
-class JobStatus(str, Enum):
-    PENDING = "pending"  # queued, waiting for the GPU
-    PROCESSING = "processing"  # denoising on the GPU
-    GENERATED = "generated"  # image saved; upscaling under way
-    COMPLETED = "completed"  # all files written; result final
-    FAILED = "failed"  # error recorded; resubmitting runs it again
-    CANCELLED = "cancelled"  # nobody wanted it any more; resubmitting runs it again
-
-    @property
-    def is_terminal(self) -> bool:
-        return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
-
-    @property
-    def is_active(self) -> bool:
-        return not self.is_terminal
-
-
-TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.PENDING: frozenset({JobStatus.PROCESSING, JobStatus.CANCELLED, JobStatus.FAILED}),
-    JobStatus.PROCESSING: frozenset({JobStatus.GENERATED, JobStatus.COMPLETED, JobStatus.CANCELLED, JobStatus.FAILED}),
-    JobStatus.GENERATED: frozenset({JobStatus.COMPLETED, JobStatus.FAILED}),
-    JobStatus.COMPLETED: frozenset(),
-    JobStatus.FAILED: frozenset({JobStatus.PENDING}),  # resubmission
-    JobStatus.CANCELLED: frozenset({JobStatus.PENDING}),  # resubmission
-}
-# pending -> failed exists for shutdown and restart recovery only: work that never ran is not lost
-# silently, it is reported.
-
-
-def check_transition(job_id: str, current: JobStatus, new: JobStatus) -> None:
-    if new not in TRANSITIONS[current]:
-        raise IllegalTransition(f"job {job_id[:12]}: {current.value} -> {new.value} is not allowed")
+__all__ = ["FailureCode", "ImageFile", "JobRecord", "JobResult", "JobStatus", "Progress"]
 
 
 @dataclass(frozen=True)
@@ -82,7 +49,8 @@ class JobRecord:
     created_at: float
     updated_at: float
     result: JobResult | None = None
-    error: str | None = None
+    error: str | None = None  # for people: what went wrong, in words
+    failure: FailureCode | None = None  # for programs: why a failed/cancelled job ended
     owner: str | None = None  # the API key's fingerprint when keys are on: scopes visibility
     attempt: int = 1
 

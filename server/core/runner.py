@@ -19,65 +19,66 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from server.core import files
-from server.core.errors import JobCancelled, ServerError
+from server.core.errors import JobCancelled, OutOfMemory, ServerError
 from server.core.events import EventKind, JobEvent, PreviewImage
 from server.core.generation import StepUpdate
-from server.core.jobs import ImageFile, JobResult, JobStatus, Progress
+from server.core.jobs import ImageFile, JobRecord, JobResult, Progress
+from server.core.ports import ActiveJob, JobHost
+from server.core.states import FAILURE_MESSAGES, FailureCode, JobStatus
 
 if TYPE_CHECKING:
     from PIL.Image import Image
-
-    from server.core.engine import ActiveJob, JobEngine
 
 log = logging.getLogger(__name__)
 
 
 class JobRunner:
-    def __init__(self, engine: "JobEngine", generator, upscaler, gpu: ThreadPoolExecutor):
-        self._engine = engine
+    """Runs one job at a time per call of ``run``, on behalf of a ``JobHost`` (server.core.ports)."""
+
+    def __init__(self, host: JobHost, generator, upscaler):
+        self._host = host
         self._generator = generator
         self._upscaler = upscaler
-        self._gpu = gpu
+        self._gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
         self._gpu_lock = asyncio.Lock()
         self._post = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step-events")
         self._cpu = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
-        self._loop: asyncio.AbstractEventLoop | None = None  # bound in JobEngine.start
+        self._loop: asyncio.AbstractEventLoop | None = None  # bound by the host's start
         self.gpu_busy_s = 0.0  # total time the generator/upscaler ran: for throughput measurements
 
     def shutdown(self) -> None:
+        self._gpu.shutdown(wait=False, cancel_futures=True)
         self._post.shutdown(wait=False, cancel_futures=True)
         self._cpu.shutdown(wait=False, cancel_futures=True)
 
-    async def run(self, active: "ActiveJob") -> None:
-        engine = self._engine
+    async def run(self, active: ActiveJob) -> None:
+        host = self._host
         async with self._gpu_lock:
             if active.record.status is not JobStatus.PENDING:
                 return  # cancelled while waiting for the GPU
-            await engine._move(active, JobStatus.PROCESSING)
+            await host.move(active, JobStatus.PROCESSING)
             active.started_at = time.monotonic()
             images, error = await self._on_gpu(active, self._generate, active)
         await self._drain_steps()
         if error is not None:
-            status = JobStatus.CANCELLED if isinstance(error, JobCancelled) else JobStatus.FAILED
-            reason = active.cancel_reason if isinstance(error, JobCancelled) else _describe(error)
-            if status is JobStatus.CANCELLED and active.cancel_reason != "cancelled":
-                status = JobStatus.FAILED  # stopped by shutdown, not by the user
-            await engine._finish(active, status, error=reason)
+            status, message, failure = _failure(active, error)
+            await host.finish(active, status, error=message, failure=failure)
             return
         generation_s = time.monotonic() - active.started_at
         try:
             names = await self._save(active, images, upscaled=False)
         except OSError as exc:
-            await engine._finish(active, JobStatus.FAILED, error=f"could not write the image: {exc.strerror or exc}")
+            await host.finish(active, JobStatus.FAILED, error=f"could not write the image: {exc.strerror or exc}",
+                              failure=FailureCode.STORAGE)
             return
         result = JobResult(images=tuple(ImageFile(name) for name in names),
                            seeds=tuple(active.record.spec.seed + i for i in range(len(names))),
                            generation_s=round(generation_s, 3))
         if not active.record.spec.upscale:
-            await engine._finish(active, JobStatus.COMPLETED, result=result)
+            await host.finish(active, JobStatus.COMPLETED, result=result)
             return
-        await engine._move(active, JobStatus.GENERATED, result=result)
-        await engine._finish(active, JobStatus.COMPLETED, result=await self._upscaled(active, images, result))
+        await host.move(active, JobStatus.GENERATED, result=result)
+        await host.finish(active, JobStatus.COMPLETED, result=await self._upscaled(active, images, result))
 
     async def _on_gpu(self, active, fn, *args):
         """Run ``fn`` on the GPU thread; return (value, None) or (None, exception)."""
@@ -92,9 +93,9 @@ class JobRunner:
         finally:
             self.gpu_busy_s += time.monotonic() - started
 
-    def _generate(self, active: "ActiveJob") -> "list[Image]":
+    def _generate(self, active: ActiveJob) -> "list[Image]":
         loop_call = self._loop.call_soon_threadsafe
-        request = active.record.spec.generation_request(self._engine.config.preview_max_side)
+        request = active.record.spec.generation_request(self._host.config.preview_max_side)
 
         def on_step(update: StepUpdate) -> None:
             self._post.submit(self._emit_step, active, update, time.time(), loop_call)
@@ -104,7 +105,7 @@ class JobRunner:
     async def _drain_steps(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._post, lambda: None)
 
-    def _emit_step(self, active: "ActiveJob", update: StepUpdate, at: float, loop_call) -> None:
+    def _emit_step(self, active: ActiveJob, update: StepUpdate, at: float, loop_call) -> None:
         """Post thread: build the progress (and preview) events, then publish them on the loop."""
         spec = active.record.spec
         overall = update.image_index * update.total_steps + update.step
@@ -120,10 +121,10 @@ class JobRunner:
             events.append(JobEvent(EventKind.PREVIEW, active.job_id, preview=preview, timestamp=at))
         loop_call(self._publish_steps, active, events)
 
-    def _publish_steps(self, active: "ActiveJob", events: list[JobEvent]) -> None:
+    def _publish_steps(self, active: ActiveJob, events: list[JobEvent]) -> None:
         if active.record.status is not JobStatus.PROCESSING:
             return  # late step events of a job that already moved on
-        metrics = self._engine.metrics
+        metrics = self._host.metrics
         if metrics is not None:
             metrics.preview_latency.observe(max(0.0, time.time() - events[0].timestamp))
             step = events[0].progress
@@ -131,10 +132,10 @@ class JobRunner:
         for event in events:
             if event.kind is EventKind.PREVIEW:
                 active.latest_preview = event
-            self._engine.hub.publish(event)
+            self._host.publish_step(active, event)
 
-    async def _save(self, active: "ActiveJob", images: "list[Image]", upscaled: bool) -> list[str]:
-        spec, config = active.record.spec, self._engine.config
+    async def _save(self, active: ActiveJob, images: "list[Image]", upscaled: bool) -> list[str]:
+        spec, config = active.record.spec, self._host.config
         names = [files.output_filename(spec.prompt, active.job_id, i, len(images), upscaled, active.record.created_at)
                  for i in range(len(images))]
 
@@ -145,7 +146,7 @@ class JobRunner:
         await asyncio.get_running_loop().run_in_executor(self._cpu, write_all)
         return names
 
-    async def _upscaled(self, active: "ActiveJob", images: "list[Image]", result: JobResult) -> JobResult:
+    async def _upscaled(self, active: ActiveJob, images: "list[Image]", result: JobResult) -> JobResult:
         """The result with upscaled files; on any failure the original images stay and the reason
         is recorded: a user's finished image is never thrown away."""
         if self._upscaler is None:
@@ -164,6 +165,29 @@ class JobRunner:
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+
+
+def _failure(active: ActiveJob, error: BaseException) -> tuple[JobStatus, str, FailureCode]:
+    """(status, error message, failure code) for a GPU stage that raised ``error``."""
+    if isinstance(error, JobCancelled):
+        cause = active.cancel_cause
+        if cause is FailureCode.CANCELLED:
+            return JobStatus.CANCELLED, "cancelled", cause
+        return JobStatus.FAILED, FAILURE_MESSAGES.get(cause, cause.value), cause  # stopped by shutdown, not a user
+    if isinstance(error, OutOfMemory):
+        return JobStatus.FAILED, _describe(error), FailureCode.OUT_OF_MEMORY
+    if isinstance(error, ServerError):
+        return JobStatus.FAILED, _describe(error), FailureCode.GENERATION_FAILED
+    if isinstance(error, OSError):
+        return JobStatus.FAILED, _describe(error), FailureCode.STORAGE
+    return JobStatus.FAILED, _describe(error), FailureCode.INTERNAL
+
+
+def report_finished(record: JobRecord, metrics) -> None:
+    """The one log line and metric of a job reaching a terminal status (every host calls it)."""
+    if metrics is not None:
+        metrics.jobs_finished.labels(record.status.value).inc()
+    log.info("job %s: %s%s", record.job_id[:12], record.status.value, f" ({record.error})" if record.error else "")
 
 
 def _describe(error: BaseException) -> str:

@@ -15,8 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
-from server.core.jobs import JobRecord, JobResult, JobStatus
+from server.core.jobs import JobRecord, JobResult
 from server.core.spec import JobSpec
+from server.core.states import RECOVERY, RESTART_REASON, FailureCode, JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     result TEXT,
     error TEXT,
     owner TEXT,
-    attempt INTEGER NOT NULL DEFAULT 1
+    attempt INTEGER NOT NULL DEFAULT 1,
+    failure TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
 CREATE TABLE IF NOT EXISTS client_jobs (
@@ -40,8 +42,6 @@ CREATE TABLE IF NOT EXISTS client_jobs (
     PRIMARY KEY (client_id, job_id)
 );
 """
-
-RESTART_REASON = "interrupted by server restart"
 
 
 class JobStore(Protocol):
@@ -69,6 +69,9 @@ class SQLiteJobStore:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(SCHEMA)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+        if "failure" not in columns:  # a database from before failure codes
+            conn.execute("ALTER TABLE jobs ADD COLUMN failure TEXT")
         self._conn = conn
 
     async def _run(self, fn, *args):
@@ -80,19 +83,21 @@ class SQLiteJobStore:
     def _put_sync(self, record: JobRecord) -> None:
         result = json.dumps(record.result.to_dict()) if record.result else None
         self._conn.execute(
-            "INSERT INTO jobs (job_id, spec, status, created_at, updated_at, result, error, owner, attempt)"
-            " VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(job_id) DO UPDATE SET spec=excluded.spec,"
+            "INSERT INTO jobs (job_id, spec, status, created_at, updated_at, result, error, owner, attempt, failure)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(job_id) DO UPDATE SET spec=excluded.spec,"
             " status=excluded.status, created_at=excluded.created_at, updated_at=excluded.updated_at,"
-            " result=excluded.result, error=excluded.error, owner=excluded.owner, attempt=excluded.attempt",
+            " result=excluded.result, error=excluded.error, owner=excluded.owner, attempt=excluded.attempt,"
+            " failure=excluded.failure",
             (record.job_id, json.dumps(record.spec.to_dict()), record.status.value, record.created_at,
-             record.updated_at, result, record.error, record.owner, record.attempt),
+             record.updated_at, result, record.error, record.owner, record.attempt,
+             record.failure.value if record.failure else None),
         )
 
     async def get(self, job_id: str) -> JobRecord | None:
         return await self._run(self._get_sync, job_id)
 
     def _get_sync(self, job_id: str) -> JobRecord | None:
-        row = self._conn.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        row = self._conn.execute(f"SELECT {COLUMNS} FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         return _record_from_row(row) if row else None
 
     async def link_client(self, client_id: str, job_id: str, at: float) -> None:
@@ -102,27 +107,29 @@ class SQLiteJobStore:
     async def client_jobs(self, client_id: str, limit: int = 200) -> list[JobRecord]:
         def query() -> list[JobRecord]:
             rows = self._conn.execute(
-                "SELECT jobs.* FROM client_jobs JOIN jobs USING (job_id) WHERE client_id = ?"
+                f"SELECT {COLUMNS} FROM client_jobs JOIN jobs USING (job_id) WHERE client_id = ?"
                 " ORDER BY client_jobs.linked_at DESC LIMIT ?", (client_id, limit)).fetchall()
             return [_record_from_row(row) for row in rows]
         return await self._run(query)
 
     async def recover_interrupted(self) -> list[JobRecord]:
-        """At start: jobs a dead process left unfinished. Pending/processing -> failed with
-        RESTART_REASON; generated (image saved, upscale lost) -> completed without the upscale, so
-        an image the user was told exists is kept. Returns the changed records."""
+        """At start: jobs a dead process left unfinished, moved by ``states.RECOVERY``. Returns
+        the changed records."""
         return await self._run(self._recover_sync)
 
     def _recover_sync(self) -> list[JobRecord]:
-        rows = self._conn.execute("SELECT * FROM jobs WHERE status IN ('pending','processing','generated')").fetchall()
+        marks = ",".join("?" * len(RECOVERY))
+        rows = self._conn.execute(f"SELECT {COLUMNS} FROM jobs WHERE status IN ({marks})",
+                                  [status.value for status in RECOVERY]).fetchall()
         changed = []
         for record in map(_record_from_row, rows):
-            if record.status is JobStatus.GENERATED and record.result is not None:
+            target = RECOVERY[record.status]
+            if target is JobStatus.COMPLETED and record.result is not None:  # the image is kept
                 result = JobResult(images=record.result.images, seeds=record.result.seeds,
                                    upscale_error=RESTART_REASON, generation_s=record.result.generation_s)
                 record = record.moved_to(JobStatus.COMPLETED, result=result)
             else:
-                record = record.moved_to(JobStatus.FAILED, error=RESTART_REASON)
+                record = record.moved_to(JobStatus.FAILED, error=RESTART_REASON, failure=FailureCode.INTERRUPTED)
             self._put_sync(record)
             changed.append(record)
         return changed
@@ -134,11 +141,24 @@ class SQLiteJobStore:
         self._executor.shutdown(wait=True)
 
 
+COLUMNS = "jobs.job_id, spec, status, created_at, updated_at, result, error, owner, attempt, failure"
+
+
 def _record_from_row(row: tuple) -> JobRecord:
-    job_id, spec, status, created_at, updated_at, result, error, owner, attempt = row
+    job_id, spec, status, created_at, updated_at, result, error, owner, attempt, failure = row
     return JobRecord(
         job_id=job_id, spec=JobSpec.from_dict(json.loads(spec)), status=JobStatus(status),
         created_at=created_at, updated_at=updated_at,
         result=JobResult.from_dict(json.loads(result)) if result else None,
-        error=error, owner=owner, attempt=attempt,
+        error=error, owner=owner, attempt=attempt, failure=parse_failure(failure),
     )
+
+
+def parse_failure(value: str | None) -> FailureCode | None:
+    """A stored failure code; an unknown one (written by a newer version) reads as generation_failed."""
+    if not value:
+        return None
+    try:
+        return FailureCode(value)
+    except ValueError:
+        return FailureCode.GENERATION_FAILED

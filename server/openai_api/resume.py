@@ -37,7 +37,8 @@ from server.auth import require_owner
 from server.core.errors import InvalidRequest
 from server.core.events import Subscriber
 from server.core.jobs import JobRecord
-from server.routes_openai import ERRORS, final_images, job_failure, usage_for
+from server.core.ports import Engine
+from server.openai_api.serving import ERRORS, final_images, job_failure, usage_for
 from server.streaming import FinalImage, StepDialect, StreamContext, job_events, ping_event
 
 log = logging.getLogger(__name__)
@@ -45,14 +46,12 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 EVENT_ID = re.compile(r"\d{1,20}-\d{1,20}")  # a Redis stream id, as sent in ``id:``
 
 
-async def resume_subscriber(engine, job_id: str, last_event_id: str | None,
+async def resume_subscriber(engine: Engine, job_id: str, last_event_id: str | None,
                             owner: str | None) -> tuple[JobRecord, Subscriber]:
     """The job's record and a subscriber that starts after ``last_event_id`` where the engine has
-    event ids (``subscribe_from``), else at the job's current status. Raises ``JobNotFound``."""
+    event ids, else at the job's current status (``Engine.subscribe_from``). Raises ``JobNotFound``."""
     record = await engine.get(job_id, owner)
-    if hasattr(engine, "subscribe_from"):
-        return record, await engine.subscribe_from(job_id, last_event_id, owner)
-    return record, engine.subscribe(record)
+    return record, await engine.subscribe_from(job_id, last_event_id, owner)
 
 
 @router.get("/images/jobs/{job_id}/events", response_model=None, summary="Resume a job's SSE stream (step events)",

@@ -44,7 +44,8 @@ from typing import Any, Callable
 from starlette.websockets import WebSocket
 
 from server.core.events import EventKind, JobEvent, Subscriber
-from server.core.jobs import JobRecord, JobStatus
+from server.core.jobs import JobRecord
+from server.core.states import RANK
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +63,12 @@ BACKLOG = {"progress": 8, "preview": 2}  # unsent ones per job before coalescing
 MAX_CONNECTIONS_PER_CLIENT = 16
 SESSION_TTL_S = 600.0
 
-_RANK = {JobStatus.PENDING: 0, JobStatus.PROCESSING: 1, JobStatus.GENERATED: 2,
-         JobStatus.COMPLETED: 3, JobStatus.FAILED: 3, JobStatus.CANCELLED: 3}
 
 StatusKey = tuple  # (attempt, rank, updated_at): grows with every state change of a job
 
 
 def status_key(record: JobRecord) -> StatusKey:
-    return (record.attempt, _RANK[record.status], record.updated_at)
+    return (record.attempt, RANK[record.status], record.updated_at)
 
 
 class ConnState(str, Enum):

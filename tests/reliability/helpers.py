@@ -57,9 +57,9 @@ async def _loop_state(engine) -> tuple[int, int]:
 
 
 def resources(server) -> Resources:
-    tasks, subscribers = server.call(_loop_state(server.core.engine))
+    tasks, subscribers = server.call(_loop_state(server.engine))
     return Resources(tasks=tasks, threads=threading.active_count(), fds=len(os.listdir("/proc/self/fd")),
-                     active_jobs=len(server.core.engine._active), subscribers=subscribers)
+                     active_jobs=len(server.engine._active), subscribers=subscribers)
 
 
 def settle(server, base: Resources, slack: int = 0, timeout: float = 15.0) -> Resources:

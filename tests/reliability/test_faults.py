@@ -43,7 +43,7 @@ def gauges(server) -> tuple[float, float]:
 def storm(server, round_: int) -> dict:
     """Open STORM SSE streams, STORM plain requests and STORM WebSocket jobs, then drop them all
     mid-stream / mid-job. Returns what was seen while they were open."""
-    engine = server.core.engine
+    engine = server.engine
     tag = f"r{round_}"
     server.generator.gate = gate = threading.Event()  # the GPU holds every job until all clients left
     streams = [raw_post(server.port, {"prompt": f"{tag} sse {i}", "size": "64x64", "stream": True,
@@ -78,10 +78,10 @@ def test_disconnect_storms_leak_nothing(tmp_path):
     with live(tmp_path, generator=FakeGenerator(step_s=0.002), max_queue=200, max_queue_per_client=200) as server:
         seen = [storm(server, 0)]
         base = settle(server, resources(server))  # pools warmed up by the first storm
-        wait_until(lambda: not server.core.engine._active)
+        wait_until(lambda: not server.engine._active)
         base = settle(server, base)
         seen.append(storm(server, 1))
-        drained = wait_until(lambda: not server.core.engine._active, timeout=30)
+        drained = wait_until(lambda: not server.engine._active, timeout=30)
         after = settle(server, base)
         final_gauges = gauges(server)
         finished = {key[0]: int(child._value.get())

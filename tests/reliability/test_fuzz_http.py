@@ -59,7 +59,7 @@ def fuzz_operations(server, examples: int, headers: dict | None = None) -> tuple
 def test_every_route_conforms_to_its_schema_under_fuzzing(tmp_path):
     with live(tmp_path, generator=FakeGenerator()) as server:
         statuses, failures = fuzz_operations(server, EXAMPLES)
-        health = server.core.engine.accepting
+        health = server.engine.accepting
     total = sum(statuses.values())
     by_code = Counter()
     for (_, code), count in statuses.items():

@@ -181,13 +181,13 @@ def test_create_job_floods_hit_the_per_client_and_global_limits(tmp_path):
                 results = {"anonymous": await flood(anonymous, "anon", 60), "named": await flood(named, "named", 60),
                            "third": await flood(third, "third", 30)}
                 results["fourth"] = await flood(fourth, "fourth", 5)
-                full = dict(server.core.engine.counts())
+                full = dict(server.engine.counts())
             # The anonymous socket is gone: its jobs are withdrawn (cancelled, nobody else wants them).
             gate.set()
             return results, full
 
         results, counts_when_full = run(body(), limit=90)
-        drained = wait_until(lambda: not server.core.engine._active)
+        drained = wait_until(lambda: not server.engine._active)
         finished = dict(server.app.state.metrics.jobs_finished._metrics)
         statuses = {key[0]: int(child._value.get()) for key, child in finished.items()}
     print(f"\nflood: {results}; engine when full: {counts_when_full}")

@@ -85,7 +85,7 @@ def test_request_body_over_the_limit_is_413_in_the_envelope(tmp_path):
         lying = conn.getresponse()
         lying_status, lying_body = lying.status, json.loads(lying.read())
         conn.close()
-        preflight_ok = server.core.engine.accepting
+        preflight_ok = server.engine.accepting
     for response in (declared, chunked):
         assert response.status_code == 413, response.text
         error = response.json()["error"]

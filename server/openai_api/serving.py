@@ -1,0 +1,64 @@
+"""The OpenAI adapter's delivery logic shared by its routes (generations, stream resume): usage
+accounting, the images of a finished job, and the one mapping from a job's failure code to the
+domain error the envelope mapping (``server.openai_api.errors``) renders.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from server.config import Settings
+from server.core import files
+from server.core.errors import GenerationFailed, NotFound, OutOfMemory, ServerError, ShuttingDown
+from server.core.jobs import JobRecord
+from server.core.spec import JobSpec
+from server.core.states import FailureCode, JobStatus
+from server.openai_api.schemas import ErrorEnvelope, InputTokensDetails, Usage
+from server.streaming import FinalImage
+
+ERRORS = {status: {"model": ErrorEnvelope} for status in (400, 401, 404, 429, 500, 503)}
+
+# Failure code -> the error a client sees (status and envelope via server.openai_api.errors).
+# Codes not listed are a generation failure: 500 with x-should-retry: false.
+FAILURE_ERRORS: dict[FailureCode, type[ServerError]] = {
+    FailureCode.SHUTDOWN: ShuttingDown,
+    FailureCode.OUT_OF_MEMORY: OutOfMemory,
+}
+
+
+def usage_for(spec: JobSpec) -> Usage:
+    """Rough, stable accounting: prompt words in, one token per 16x16 patch of every image out."""
+    text = len(spec.prompt.split())
+    image = (spec.width // 16) * (spec.height // 16) * spec.n
+    return Usage(input_tokens=text, output_tokens=image, total_tokens=text + image,
+                 input_tokens_details=InputTokensDetails(text_tokens=text, image_tokens=0))
+
+
+def job_failure(record: JobRecord) -> ServerError:
+    """The domain error for a job that ended without images, chosen by its failure code (the
+    message is only shown)."""
+    reason = record.error or "generation failed"
+    if record.status is JobStatus.CANCELLED:
+        return GenerationFailed(f"The job was cancelled: {reason}", code=FailureCode.CANCELLED.value)
+    # Other codes keep the envelope's generic ``generation_failed`` (the wire stays as it was).
+    return FAILURE_ERRORS.get(record.failure, GenerationFailed)(reason)
+
+
+async def final_images(settings: Settings, record: JobRecord, fmt: str, compression: int) -> list[FinalImage]:
+    """The job's images (and upscaled images) as base64 in ``fmt``; file work runs off the loop."""
+
+    def load() -> list[FinalImage]:
+        out = []
+        for index, (img, seed) in enumerate(zip(record.result.images, record.result.seeds)):
+            upscaled = _read_b64(settings, img.upscaled_filename, fmt, compression) if img.upscaled_filename else None
+            out.append(FinalImage(index, _read_b64(settings, img.filename, fmt, compression), seed, upscaled))
+        return out
+
+    return await asyncio.to_thread(load)
+
+
+def _read_b64(settings: Settings, filename: str, fmt: str, compression: int) -> str:
+    path = files.resolve_output(settings.output_dir, filename)
+    if path is None:
+        raise NotFound("The job's image file is no longer available; generate it again with another seed.")
+    return files.to_b64(files.read_as(path, fmt, compression))
