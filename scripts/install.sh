@@ -14,7 +14,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]; then
   echo "$digest" > "$stamp"
 fi
 if [ $want_tests = 1 ]; then
-  # Real client libraries for tests/test_compat.py, each in a folder of its own so that the old
+  # Real client libraries for tests/openai_api/test_compat.py, each in a folder of its own so that the old
   # 1.x SDK never replaces the newest one in .venv (the tests run it with PYTHONPATH).
   old_sdk=".venv/openai-1x"; old_stamp="$old_sdk/.requirements.sha256"
   old_digest=$(sha256sum requirements-openai-1x.txt | cut -d' ' -f1)
@@ -23,9 +23,9 @@ if [ $want_tests = 1 ]; then
     echo "$old_digest" > "$old_stamp"
   fi
   node_dir=".venv/node-openai"; node_stamp="$node_dir/.package.sha256"
-  node_digest=$(sha256sum tests/compat/package.json | cut -d' ' -f1)
+  node_digest=$(sha256sum tests/openai_api/compat/package.json | cut -d' ' -f1)
   if command -v npm >/dev/null 2>&1 && [ "$(cat "$node_stamp" 2>/dev/null)" != "$node_digest" ]; then
-    mkdir -p "$node_dir" && cp tests/compat/package.json "$node_dir/package.json"
+    mkdir -p "$node_dir" && cp tests/openai_api/compat/package.json "$node_dir/package.json"
     if (cd "$node_dir" && npm install -q --no-audit --no-fund >/dev/null); then echo "$node_digest" > "$node_stamp"
     else echo "warning: npm install failed; the node SDK tests will be skipped" >&2; fi
   fi

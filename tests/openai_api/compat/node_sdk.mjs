@@ -1,5 +1,5 @@
 // Drives the official openai node SDK, unchanged, against a live server; prints one JSON line
-// of what it saw for tests/test_compat.py to judge. Usage: node node_sdk.mjs <base_url> <sdk_dir>
+// of what it saw for tests/openai_api/test_compat.py to judge. Usage: node node_sdk.mjs <base_url> <sdk_dir>
 import { createRequire } from "node:module";
 import { join } from "node:path";
 

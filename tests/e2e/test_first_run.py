@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import ServerProcess
-from tests.test_web_client import ARTIFACTS, CHROMIUM, LAUNCH_ARGS, RECORD_SRC, TIMEOUT_MS, fill_form
+from tests.e2e.test_web_client import ARTIFACTS, CHROMIUM, LAUNCH_ARGS, RECORD_SRC, TIMEOUT_MS, fill_form
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's /usr/bin/chromium")
 

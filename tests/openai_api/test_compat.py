@@ -3,7 +3,7 @@ client libraries unchanged (the newest and the oldest claimed 1.x ``openai`` Pyt
 async, and the official node SDK), each request also as raw HTTP; and the WebSocket protocol's
 ``request_id`` and ``result.path`` exactly as documented.
 
-The SDKs run in subprocesses (tests/compat/) against a live server over the FakeGenerator: the 1.x
+The SDKs run in subprocesses (tests/openai_api/compat/) against a live server over the FakeGenerator: the 1.x
 SDK from .venv/openai-1x and the node SDK from .venv/node-openai, both installed by
 ``scripts/install.sh --test``.
 """
@@ -28,7 +28,7 @@ from server.core.errors import ModelNotFound
 from server.testing.fakes import FakeGenerator
 from tests.conftest import REPO, live, run_async
 
-COMPAT = REPO / "tests" / "compat"
+COMPAT = REPO / "tests" / "openai_api" / "compat"
 OLD_SDK_DIR = REPO / ".venv" / "openai-1x"
 NODE_SDK_DIR = REPO / ".venv" / "node-openai"
 TODAYS_NAMES = ["gpt-image-1.5", "gpt-image-2", "gpt-image-2-2026-04-21", "gpt-image-2.6-flare", "gpt-image-1-mini",
