@@ -15,7 +15,7 @@ from server.bootstrap import NO_UPSCALER, Inference, build_catalog, lifespan, re
 from server.config import Settings
 from server.core.generation import Generator
 from server.metrics import Metrics
-from server.origins import add_cors
+from server.origins import add_cors, add_host_check
 
 # NO_UPSCALER and build_catalog are re-exported: tests and benchmarks import them from here.
 __all__ = ["NO_UPSCALER", "app_for_role", "build_catalog", "create_app", "create_worker_app"]
@@ -31,7 +31,8 @@ def create_app(settings: Settings, generator: Generator | None = None, upscaler=
                   lifespan=lifespan(settings, catalog, metrics, generator, upscaler))
     app.state.settings, app.state.catalog, app.state.metrics = settings, catalog, metrics
     _add_body_limit(app, settings)
-    add_cors(app, settings)  # added last: outermost, so even a 413 carries the CORS headers
+    add_cors(app, settings)  # outside the body limit, so even a 413 carries the CORS headers
+    add_host_check(app, settings)  # outermost: a request for a foreign Host name reaches nothing
     _add_routes(app)
     return app
 

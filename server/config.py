@@ -43,7 +43,10 @@ class Settings(BaseSettings):
     max_prompt_chars: int = 4000
     max_n: int = 4
     api_keys: CommaList = []
-    cors_origins: CommaList = []  # besides the server's own origin and localhost
+    cors_origins: CommaList = []  # besides the server's own origin and localhost; "null" only if listed
+    # Host header names besides the bound address, localhost, 127.0.0.1, [::1] and public_url's host
+    # ("*": any). Other names get 421 / close 4403, so DNS rebinding cannot reach the server.
+    allowed_hosts: CommaList = []
     public_url: str | None = None  # base for absolute image URLs; default: from the request
     shutdown_grace_s: float = 30.0
     sse_ping_s: float = 15.0
@@ -61,7 +64,8 @@ class Settings(BaseSettings):
     key_prefix: str = "t2i:"
     event_stream_maxlen: int = 256  # per-job event stream cap (approximate; progress/previews beyond it are trimmed)
 
-    @field_validator("extra_models", "model_aliases", "api_keys", "cors_origins", mode="before")
+    @field_validator("extra_models", "model_aliases", "api_keys", "cors_origins", "allowed_hosts",
+                     mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):

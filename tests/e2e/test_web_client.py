@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, live
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = REPO / "test-artifacts"
@@ -169,17 +169,30 @@ def test_invalid_input_is_shown_in_the_error_area(page, fake_server):
     assert "stream error" in page.text_content("#error") and "failed" in page.text_content("#error")
 
 
-def test_page_opened_from_disk_talks_to_the_server_url_field(page, fake_server):
+def test_page_opened_from_disk_says_to_open_ui_instead(page, fake_server):
+    """Origin: null is refused by default (a sandboxed iframe on any website sends it too): the
+    page opened from disk tells the user what to do instead of failing silently."""
     page.goto((REPO / "web_client.html").as_uri())
     page.fill("#server-url", fake_server.url)
     page.dispatch_event("#server-url", "change")
-    page.wait_for_function("document.querySelector('#model').options.length > 0")  # CORS for Origin: null
-    fill_form(page, prompt="a lighthouse", width=64, height=64, steps=3, seed=4)
-    page.click("#generate")
-    page.wait_for_function("document.querySelector('#progress-text').textContent.startsWith('done')")
-    assert page.evaluate("document.querySelector('#final-img').naturalWidth") == 64
-    page.wait_for_function("document.querySelector('#ws-state').textContent === 'connected'")
-    assert page.is_hidden("#error")
+    page.wait_for_function("url => document.querySelector('#error').textContent.includes(url)", arg=fake_server.url)
+    text = page.text_content("#error")
+    assert "opened from disk" in text and "/ui" in text and "--cors-origins null" in text
+    assert page.evaluate("document.querySelector('#model').options.length") == 0
+
+
+def test_page_opened_from_disk_works_when_null_is_allowed_explicitly(page, tmp_path):
+    with live(tmp_path, cors_origins=["null"]) as server:
+        page.goto((REPO / "web_client.html").as_uri())
+        page.fill("#server-url", server.url)
+        page.dispatch_event("#server-url", "change")
+        page.wait_for_function("document.querySelector('#model').options.length > 0")  # CORS for Origin: null
+        fill_form(page, prompt="a lighthouse", width=64, height=64, steps=3, seed=4)
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#progress-text').textContent.startsWith('done')")
+        assert page.evaluate("document.querySelector('#final-img').naturalWidth") == 64
+        page.wait_for_function("document.querySelector('#ws-state').textContent === 'connected'")
+        assert page.is_hidden("#error")
 
 
 def test_websocket_reconnects_with_the_same_client_id(page, fake_server):

@@ -4,6 +4,7 @@ traces, paths or internals in any error body."""
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import http.client
 import json
@@ -160,13 +161,15 @@ def test_image_route_refuses_every_traversal_form(fake_server, tmp_path):
 
 # -- CORS ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("origin,allowed", [
-    ("https://evil.example", False), ("http://localhost.evil.example", False), ("http://127.0.0.1.nip.io", False),
-    ("http://localhost:3000", True), ("http://127.0.0.1:8080", True), ("http://[::1]:9", True), ("null", True),
-    ("https://app.example", True),
+@pytest.mark.parametrize("origin,allowed,listed", [
+    ("https://evil.example", False, []), ("http://localhost.evil.example", False, []),
+    ("http://127.0.0.1.nip.io", False, []), ("http://localhost:3000", True, []), ("http://127.0.0.1:8080", True, []),
+    ("http://[::1]:9", True, []), ("https://app.example", True, []),
+    # A sandboxed iframe on any website sends Origin: null, so it is refused unless listed explicitly.
+    ("null", False, []), ("null", True, ["null"]),
 ])
-def test_cors_allowlist(tmp_path, origin, allowed):
-    with live(tmp_path, cors_origins=["https://app.example"]) as server:
+def test_cors_allowlist(tmp_path, origin, allowed, listed):
+    with live(tmp_path, cors_origins=["https://app.example", *listed]) as server:
         preflight = httpx.options(server.url + URL, headers={"Origin": origin, "Access-Control-Request-Method": "POST",
                                                               "Access-Control-Request-Headers": "content-type"})
         simple = httpx.get(server.url + "/v1/models", headers={"Origin": origin})
@@ -176,14 +179,7 @@ def test_cors_allowlist(tmp_path, origin, allowed):
                 reply = await client.request(type="get_client_jobs")
                 return reply.get("code", reply["type"]), None
 
-        async def refused_socket():
-            async with ws_client(server, origin=origin) as client:
-                error = await client.recv()
-                with pytest.raises(ConnectionClosed) as closed:
-                    await client.recv()
-                return error["code"], closed.value.rcvd.code
-
-        ws_result = run(socket() if allowed else refused_socket())
+        ws_result = run(socket() if allowed else refused_socket(ws_client(server, origin=origin)))
     if allowed:
         assert preflight.headers.get("access-control-allow-origin") == origin
         assert simple.headers.get("access-control-allow-origin") == origin
@@ -194,17 +190,77 @@ def test_cors_allowlist(tmp_path, origin, allowed):
         assert ws_result == ("origin_not_allowed", CLOSE_FORBIDDEN)
 
 
-def test_ws_same_origin_is_allowed_on_any_host_name(tmp_path):
-    """The page served by /ui on a LAN address opens its socket with Origin = its own host."""
-    with live(tmp_path) as server:
+async def refused_socket(opening) -> tuple[str, int]:
+    """The error frame's code and the close code of a refused WebSocket."""
+    async with opening as client:
+        error = await client.recv()
+        with pytest.raises(ConnectionClosed) as closed:
+            await client.recv()
+        return error["code"], closed.value.rcvd.code
+
+
+def raw_status(port: int, host: str, path: str = "/v1/models") -> tuple[int, dict]:
+    """GET with an arbitrary Host header, as a browser does after DNS rebinding."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    try:
+        conn.request("GET", path, headers={"Host": host})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read() or b"{}")
+    finally:
+        conn.close()
+
+
+def test_dns_rebinding_is_refused_by_the_host_allowlist(tmp_path):
+    """A hostile name re-pointed at 127.0.0.1 makes the browser send ``Host: attacker.example``:
+    HTTP gets 421 in the OpenAI envelope, the WebSocket an error frame and close 4403. The
+    server's own names (bound address, localhost, [::1], allowed_hosts) keep working."""
+    with live(tmp_path, allowed_hosts=["lan-name.example"]) as server:
+        port = server.port
+        refused = {host: raw_status(port, host) for host in
+                   (f"attacker.example:{port}", "attacker.example", f"127.0.0.1.nip.io:{port}", f"localhost.evil:{port}",
+                    f"10.0.0.5:{port}", "")}
+        allowed = {host: raw_status(port, host)[0] for host in
+                   (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST.:{port}", f"[::1]:{port}",
+                    f"lan-name.example:{port}", "127.0.0.1")}
+
+        async def rebound_socket():  # same-origin with the attacker's page, so the Origin check passes
+            host = f"attacker.example:{port}"
+            return await refused_socket(ws_opening(host, port))
+
+        ws_refusal = run(rebound_socket())
+    for host, (status, body) in refused.items():
+        assert status == 421, host
+        assert body["error"]["code"] == "host_not_allowed" and "T2I_ALLOWED_HOSTS" in body["error"]["message"]
+    assert set(allowed.values()) == {200}, allowed
+    assert ws_refusal == ("host_not_allowed", CLOSE_FORBIDDEN)
+
+
+@contextlib.asynccontextmanager
+async def ws_opening(host: str, port: int):
+    """A WebSocket to loopback that names ``host`` in Host and Origin (a page served under it)."""
+    async with connect(f"ws://{host}/api/ws", origin=f"http://{host}", host="127.0.0.1", port=port,
+                       open_timeout=TIMEOUT) as ws:
+        yield WsClient(ws)
+
+
+def test_ws_same_origin_is_allowed_on_a_listed_host_name(tmp_path):
+    """The page served by /ui on a LAN name (listed in allowed_hosts) opens its socket with
+    Origin = its own host."""
+    with live(tmp_path, allowed_hosts=["lan-name.example"]) as server:
         async def body():
-            host = f"lan-name.example:{server.port}"  # the URI's host is sent as Host; connect to loopback
-            async with connect(f"ws://{host}/api/ws", origin=f"http://{host}", host="127.0.0.1",
-                               open_timeout=TIMEOUT) as ws:
-                client = WsClient(ws)
+            async with ws_opening(f"lan-name.example:{server.port}", server.port) as client:
                 return (await client.request(type="get_status", job_id="0" * 64))["code"]
 
         assert run(body()) == "job_not_found"
+
+
+def test_any_ip_literal_host_is_allowed_when_bound_to_all_interfaces(tmp_path):
+    """Bound to 0.0.0.0 a LAN client names the machine by its address: a rebinding attack always
+    brings a name, so bare addresses are safe to allow; names still need allowed_hosts."""
+    with live(tmp_path, host="0.0.0.0") as server:
+        by_address = raw_status(server.port, f"192.168.1.20:{server.port}")[0]
+        by_name = raw_status(server.port, f"attacker.example:{server.port}")[0]
+    assert (by_address, by_name) == (200, 421)
 
 
 # -- no leaks in error bodies -------------------------------------------------------------------------
