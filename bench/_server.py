@@ -63,7 +63,7 @@ def main() -> None:
 
     @app.get("/_bench/stats")
     async def stats() -> dict:
-        runner = app.state.engine._runner
+        runner = app.state.engine.runner
         return {"busy_s": generator.busy_s, "gpu_busy_s": runner.gpu_busy_s, "intervals": generator.intervals,
                 "rss_mb": rss_mb(__import__("os").getpid()), "now": time.time()}
 

@@ -159,7 +159,7 @@ def time_previews(pipe, device: str, size: int, repeats: int) -> dict:
     from server.model import DiffusersGenerator
 
     generator = DiffusersGenerator(Path(tempfile.gettempdir()), device=device)
-    generator._pipes[("z-image-turbo", "uint4")] = pipe  # serve the random-weight pipeline under the real id
+    generator.adopt_pipeline("z-image-turbo", "uint4", pipe)  # serve the random-weight pipeline under the real id
     walls: dict[str, list[float]] = {"none": [], "fast": [], "vae": []}
     for rep in range(repeats + 1):
         for method in walls:  # interleaved
@@ -198,7 +198,7 @@ def time_upscaler(device: str, size: int, repeats: int) -> dict:
                 RRDBNet(in_nc=3, out_nc=3, num_filters=64, num_blocks=23, scale=4).state_dict())
             dtype = torch.float16 if device.startswith("cuda") else torch.float32
             descriptor.eval().to(device=torch.device(device), dtype=dtype)
-            upscaler._descriptor, upscaler._device, upscaler._dtype = descriptor, torch.device(device), dtype
+            upscaler.adopt(descriptor, torch.device(device), dtype)
             weights = "random-weight RRDBNet x4 (23 blocks)"
         import torch
 
@@ -212,7 +212,7 @@ def time_upscaler(device: str, size: int, repeats: int) -> dict:
             sync(device)
             if i:
                 samples.append(time.perf_counter() - started)
-        out[name] = {"s": round(statistics.median(samples), 4), "weights": weights, "dtype": str(upscaler._dtype)}
+        out[name] = {"s": round(statistics.median(samples), 4), "weights": weights, "dtype": str(upscaler.dtype)}
         if device.startswith("cuda"):
             out[name]["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return out

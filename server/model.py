@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from server.core.errors import GenerationFailed, InvalidRequest, JobCancelled, ModelLoadError, OutOfMemory, ServerError
 from server.core.generation import CancelCheck, GenerationRequest, StepCallback, StepUpdate
 from server.core.profiles import ModelProfile, get_profile
+from server.inference import edits
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -69,13 +70,18 @@ class _StepTracker:
         from server.inference.previews import estimate_x0, render_preview
 
         latents = callback_kwargs["latents"]
-        step, total = i + 1, self.request.steps
+        step, total = i + 1, self.request.steps_run
         preview = None
         interval = max(1, self.request.preview_interval)
         if self.request.preview_method != "none" and (step % interval == 0 or step == total):
             if self.sigmas is None:  # one device->host copy per image, not per step
-                self.sigmas = [float(s) for s in pipe.scheduler.sigmas]
-            x0 = estimate_x0(self.prev_latents, latents, self.sigmas[i], self.sigmas[i + 1])
+                # An edit starts part-way down the schedule (img2img/inpaint set the begin index).
+                begin = getattr(pipe.scheduler, "begin_index", None) or 0
+                self.sigmas = [float(s) for s in pipe.scheduler.sigmas[begin:]]
+            if self.prev_latents is None:  # an edit's first step: its starting latents are the pipeline's own
+                x0 = latents.float()
+            else:
+                x0 = estimate_x0(self.prev_latents, latents, self.sigmas[i], self.sigmas[i + 1])
             preview = render_preview(self.request.preview_method, pipe, x0, self.request.preview_max_side)
         self.prev_latents = latents
         self.on_step(StepUpdate(image_index=self.image_index, step=step, total_steps=total, preview=preview))
@@ -102,8 +108,14 @@ class DiffusersGenerator:
         self.max_resident = max(1, int(max_resident))
         self.use_quantized_matmul = use_quantized_matmul
         self._pipes: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._edit_pipes: dict[tuple[str, str, str], Any] = {}  # (model, variant, class) -> from_pipe view
         self._state_lock = threading.Lock()  # guards _pipes and _device
         self._load_lock = threading.RLock()  # serializes loads and evictions
+
+    def adopt_pipeline(self, model: str, variant: str, pipe: Any) -> None:
+        """Serve an already built pipeline as ``model``/``variant`` (benchmarks with random weights)."""
+        with self._state_lock:
+            self._pipes[(model, variant)] = pipe
 
     # -- Generator protocol -------------------------------------------------------------------
 
@@ -128,12 +140,18 @@ class DiffusersGenerator:
         profile = get_profile(request.model)
         variant = self._resolve_variant(profile, request.variant)
         self._validate(profile, request)
+        if request.is_edit and not profile.supports_edits:
+            raise InvalidRequest(f"The model '{profile.model_id}' cannot edit images.", param="model")
         pipe = self._ensure_loaded(profile, variant)
+        edit = None
+        if request.is_edit:
+            edit = edits.load_inputs(request)
+            pipe = self._edit_pipeline(profile, variant, pipe, masked=edit.mask is not None)
         images = []
         for index in range(request.n):
             if is_cancelled():
                 raise JobCancelled()
-            images.append(self._run_one(pipe, profile, request, index, on_step, is_cancelled))
+            images.append(self._run_one(pipe, profile, request, index, on_step, is_cancelled, edit))
         return images
 
     # -- helpers for callers and tests --------------------------------------------------------
@@ -148,6 +166,7 @@ class DiffusersGenerator:
         with self._load_lock:
             with self._state_lock:
                 self._pipes.clear()
+                self._edit_pipes.clear()
             self._free_memory()
 
     @property
@@ -219,12 +238,26 @@ class DiffusersGenerator:
                 self._pipes[key] = pipe
             return pipe
 
+    def _edit_pipeline(self, profile: ModelProfile, variant: str, base: Any, masked: bool) -> Any:
+        """The img2img or inpaint pipeline over ``base``'s modules (``from_pipe``: no second copy
+        of the weights), made once per resident pipeline."""
+        key = (profile.model_id, variant, edits.INPAINT if masked else edits.IMG2IMG)
+        with self._state_lock:
+            pipe = self._edit_pipes.get(key)
+        if pipe is None:
+            pipe = edits.derive(base, masked)
+            with self._state_lock:
+                self._edit_pipes[key] = pipe
+        return pipe
+
     def _evict_for_one_more(self) -> None:
         """Unload least recently used pipelines until one more fits (before loading: peak memory)."""
         evicted = False
         with self._state_lock:
             while len(self._pipes) >= self.max_resident:
                 (model, variant), _ = self._pipes.popitem(last=False)
+                for key in [k for k in self._edit_pipes if k[:2] == (model, variant)]:
+                    del self._edit_pipes[key]  # they share the evicted weights
                 logger.info("unloading %s (%s)", model, variant)
                 evicted = True
         if evicted:
@@ -315,15 +348,13 @@ class DiffusersGenerator:
         return randn_tensor(shape, generator=generator, device=pipe._execution_device, dtype=torch.float32)
 
     def _run_one(self, pipe: Any, profile: ModelProfile, request: GenerationRequest, index: int,
-                 on_step: StepCallback, is_cancelled: CancelCheck) -> "Image":
+                 on_step: StepCallback, is_cancelled: CancelCheck, edit: "edits.EditImages | None" = None) -> "Image":
         import torch
 
         generator = torch.Generator(device=pipe._execution_device).manual_seed(request.seed + index)
         failure: ServerError | None = None
         try:
             with torch.inference_mode():
-                latents = self._initial_latents(pipe, request, generator)
-                tracker = _StepTracker(request, index, latents, on_step, is_cancelled)
                 kwargs: dict[str, Any] = {
                     "prompt": [request.prompt],  # a fresh list: the pipeline rewrites list prompts in place
                     "width": request.width,
@@ -331,13 +362,17 @@ class DiffusersGenerator:
                     "num_inference_steps": request.steps,
                     "guidance_scale": request.guidance_scale,
                     "generator": generator,
-                    "latents": latents,
-                    "callback_on_step_end": tracker,
                     "callback_on_step_end_tensor_inputs": ["latents"],
                 }
+                if edit is None:
+                    kwargs["latents"] = self._initial_latents(pipe, request, generator)
+                else:  # the pipeline makes the starting latents from the image
+                    kwargs.update(edits.pipeline_kwargs(edit, request))
+                kwargs["callback_on_step_end"] = _StepTracker(request, index, kwargs.get("latents"), on_step, is_cancelled)
                 if profile.supports_negative_prompt and request.negative_prompt:
                     kwargs["negative_prompt"] = [request.negative_prompt]
-                return pipe(**kwargs).images[0].convert("RGB")
+                image = pipe(**kwargs).images[0].convert("RGB")
+                return image if edit is None else edits.keep_unmasked(image, edit)
         except (JobCancelled, ServerError):
             raise
         except Exception as exc:  # noqa: BLE001 - mapped to the domain errors below

@@ -8,6 +8,7 @@ import http.client
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,15 @@ class LiveServer:
         self.ws_url = f"ws://127.0.0.1:{self.port}"
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", ws_max_size=2**21)
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.loop: asyncio.AbstractEventLoop | None = None  # the server's loop, once it runs
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        async def serve() -> None:
+            self.loop = asyncio.get_running_loop()
+            await self.server.serve()
+
+        asyncio.run(serve())
 
     def __enter__(self) -> "LiveServer":
         self.thread.start()
@@ -62,8 +71,24 @@ class LiveServer:
 
     def call(self, coro):
         """Run a coroutine on the server's event loop (for inspecting engine state)."""
-        loop = self.engine._runner._loop
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(30)
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+
+def finished_by_status(metrics) -> dict[str, int]:
+    """``t2i_jobs_finished`` per status, read through the Prometheus registry."""
+    return {sample.labels["status"]: int(sample.value)
+            for family in metrics.registry.collect() if family.name == "t2i_jobs_finished"
+            for sample in family.samples if sample.name == "t2i_jobs_finished_total"}
+
+
+def wait_until(predicate, timeout: float = 15.0) -> bool:
+    """Poll ``predicate`` at 20 Hz for server-side state that has no event to wait on."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        threading.Event().wait(0.05)
+    return True
 
 
 def make_settings(tmp_path: Path, **overrides) -> Settings:

@@ -13,6 +13,7 @@ import logging
 import time
 from collections import OrderedDict
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 from server.core import files
 from server.core.errors import JobNotCancellable, JobNotFound, QueueFull, ShuttingDown, StorageUnavailable
@@ -90,11 +91,33 @@ class JobEngine:
     async def start(self) -> None:
         self._runner.bind_loop(asyncio.get_running_loop())
         await asyncio.to_thread(files.remove_partials, self.config.output_dir)
-        for record in await self.store.recover_interrupted():
-            log.warning("job %s: %s -> %s after restart", record.job_id[:12], "unfinished", record.status.value)
+        await self._recover()
         self._workers = [asyncio.create_task(self._worker(), name=f"job-worker-{i}")
                          for i in range(self.config.max_in_flight)]
         self._accepting = True
+
+    async def _recover(self) -> None:
+        """Queue again what a dead process left unfinished (``states.RECOVERY``), in the store's
+        order; jobs that are not retried any more are only remembered."""
+        for record in await self.store.recover_interrupted(self.config.max_restarts):
+            if record.status.is_terminal:
+                log.warning("job %s: %s after restart (%s)", record.job_id[:12], record.status.value,
+                            record.error or record.result.upscale_error)
+                self._remember(record)
+                continue
+            self._enqueue(ActiveJob(record=record, recovered=True))
+            log.warning("job %s: queued again after restart (%s, attempt %d)", record.job_id[:12],
+                        record.status.value, record.attempt)
+
+    def _enqueue(self, active: ActiveJob, announced: JobEvent | None = None) -> None:
+        """Put an active job (pending, or generated awaiting its upscale) at the end of the queue;
+        its status is announced here unless ``announced`` already did."""
+        self._seq += 1
+        active.enqueued_seq = self._seq
+        self._active[active.job_id] = active
+        self._finished.pop(active.job_id, None)
+        active.status_history = [announced or self._announce(active.record)]
+        self._queue.put_nowait(active.job_id)
 
     async def stop(self, grace_s: float = 30.0) -> None:
         """Stop accepting work; let running jobs finish within ``grace_s``, then fail them.
@@ -147,9 +170,14 @@ class JobEngine:
         active = self._active.get(job_id)
         if active is not None:
             active.interests.add(interest)
+            # Its last interest may have left a moment ago (a client dropped, and this is its
+            # retry): whoever still wants the image keeps the job alive.
+            active.keep_alive()
             await self._link(active, client_id)
             return Submission(active.record, False, self._subscribe(active.record, active) if subscribe else None)
         existing = await self._lookup(job_id)
+        if existing is not None and self._upscale_missing(existing):
+            return await self._retry_upscale(existing, interest, client_id, subscribe)
         if existing is not None and existing.status is JobStatus.COMPLETED:
             if client_id:
                 await self._link_client(client_id, job_id)
@@ -179,6 +207,30 @@ class JobEngine:
         active.status_history.append(self._announce(active.record))
         self._queue.put_nowait(job_id)
         log.info("job %s: queued (%s %dx%d, %d steps, n=%d)", job_id[:12], spec.model, spec.width, spec.height, spec.steps, spec.n)
+        return Submission(record, True, subscriber)
+
+    def _upscale_missing(self, record: JobRecord) -> bool:
+        """A completed job that asked for an upscale and got none, on a server that can upscale."""
+        return (record.status is JobStatus.COMPLETED and record.spec.upscale and record.result is not None
+                and record.result.upscale_error is not None and self._runner.can_upscale)
+
+    async def _retry_upscale(self, completed: JobRecord, interest, client_id, subscribe) -> Submission:
+        """A repeat of a request whose upscale failed or was cut short: run the upscale again
+        (completed -> generated, a new attempt); the generated image is kept, not generated again."""
+        self._check_capacity(interest)
+        retry = completed.moved_to(JobStatus.GENERATED, attempt=completed.attempt + 1,
+                                   result=replace(completed.result, upscale_error=None))
+        try:
+            await self.store.put(retry)
+        except Exception as exc:  # the completed result stays the answer
+            log.error("job %s: upscale not retried, the job store failed: %s", completed.job_id[:12], exc)
+            return Submission(completed, False, self._subscribe(completed, None) if subscribe else None)
+        record = retry
+        active = ActiveJob(record=record, interests={interest})
+        subscriber = self.hub.subscribe(record.job_id) if subscribe else None
+        self._enqueue(active)
+        await self._link(active, client_id)
+        log.info("job %s: upscale retried (attempt %d)", record.job_id[:12], record.attempt)
         return Submission(record, True, subscriber)
 
     def _check_capacity(self, interest: str) -> None:
@@ -257,6 +309,11 @@ class JobEngine:
         return sum(1 for a in self._active.values()
                    if a.record.status is JobStatus.PENDING and a.enqueued_seq < active.enqueued_seq)
 
+    def cancel_requested(self, job_id: str) -> bool:
+        """True while an unfinished job has been asked to stop at its next step boundary."""
+        active = self._active.get(job_id)
+        return active is not None and active.cancel_flag.is_set()
+
     def health(self) -> dict:
         return {"backend": "sqlite", "active_jobs": len(self._active)}
 
@@ -284,12 +341,13 @@ class JobEngine:
         return active.record, True
 
     async def release(self, job_id: str, interest: str) -> None:
-        """Like ``cancel`` but silent: used when an HTTP client goes away."""
+        """Like ``cancel`` but silent: used when an HTTP client goes away. A job queued again after
+        a restart is not cancelled this way: its original clients may still come back for it."""
         active = self._active.get(job_id)
         if active is None:
             return
         active.interests.discard(interest)
-        if not active.interests and active.record.status in CANCELLABLE:
+        if not active.interests and not active.recovered and active.record.status in CANCELLABLE:
             await self._cancel_now(active)
 
     async def _cancel_now(self, active: ActiveJob) -> None:
@@ -316,12 +374,26 @@ class JobEngine:
         return record
 
     async def finish(self, active: ActiveJob, status: JobStatus, **changes) -> JobRecord:
+        if status is JobStatus.CANCELLED and active.interests and self._accepting:
+            return await self._run_again(active)
         self._active.pop(active.job_id, None)
         record = await self.move(active, status, **changes)
         active.status_history.clear()
         self._remember(record)
         self._idle.set()
         report_finished(record, self.metrics)
+        return record
+
+    async def _run_again(self, active: ActiveJob) -> JobRecord:
+        """A job stopped for lack of interest just as a new interest joined (its generator had
+        already seen the cancel flag): start a fresh attempt instead of cancelling it."""
+        active.cancel_flag.clear()
+        active.cancel_cause = FailureCode.CANCELLED
+        active.latest_preview = None
+        record = await self.move(active, JobStatus.PENDING, attempt=active.record.attempt + 1, error=None,
+                                 failure=None, result=None)
+        self._enqueue(active, announced=active.status_history[-1])
+        log.info("job %s: wanted again while stopping; runs again (attempt %d)", active.job_id[:12], record.attempt)
         return record
 
     def publish_step(self, active: ActiveJob, event: JobEvent) -> None:
@@ -342,10 +414,13 @@ class JobEngine:
         while True:
             job_id = await self._queue.get()
             active = self._active.get(job_id)
-            if active is None or active.record.status is not JobStatus.PENDING:
+            if active is None or active.record.status not in (JobStatus.PENDING, JobStatus.GENERATED):
                 continue
             try:
-                await self._runner.run(active)
+                if active.record.status is JobStatus.GENERATED:  # after a restart, or an upscale retry
+                    await self._runner.upscale_saved(active)
+                else:
+                    await self._runner.run(active)
             except Exception:  # the runner handles job errors; this guards the worker itself
                 log.exception("job %s: unexpected error in the job runner", job_id[:12])
                 if active.job_id in self._active:

@@ -106,6 +106,21 @@ class RealESRGANUpscaler:
 
     # -- loading ---------------------------------------------------------------------------
 
+    @property
+    def descriptor(self) -> Any:
+        """The loaded spandrel model (None until ``load``)."""
+        return self._descriptor
+
+    @property
+    def dtype(self) -> Any:
+        return self._dtype
+
+    def adopt(self, descriptor: Any, device: Any, dtype: Any = None) -> None:
+        """Use an already built model (benchmarks with random weights, tests) instead of loading."""
+        with self._lock:
+            self._device, self._dtype = device, dtype if dtype is not None else self._dtype
+            self._descriptor = descriptor  # published last, as in ``_load_locked``
+
     def load(self) -> None:
         """Load the model now (idempotent); raise ``ModelLoadError`` with a remedy on failure."""
         if self._descriptor is not None:

@@ -132,6 +132,10 @@ class Connection:
         self._coalescing.pop(("preview", record.job_id), None)
         return self._append(_Slot(payload, record.job_id, key))
 
+    def queued(self) -> int:
+        """Messages waiting to be sent."""
+        return len(self._outbox)
+
     def push_coalesced(self, kind: str, job_id: str, payload: dict[str, Any]) -> None:
         """Progress or preview: queued, or, with ``BACKLOG[kind]`` of them unsent since the job's
         last status, written over the newest unsent one."""

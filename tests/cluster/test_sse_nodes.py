@@ -132,7 +132,7 @@ def test_unread_subscriber_does_not_slow_the_worker_and_stays_bounded(nodes, tmp
     steps = 40  # a preview and a progress event per step: 80 events for a queue of 32 per kind
     with LiveServer(app) as node:
         engine = app.state.engine
-        loop = engine._stats_task.get_loop()
+        loop = node.loop
         def job_id(payload: dict) -> str:  # this node's preview_percent is part of the spec
             return plan_request(ImageGenerationRequest(**payload), app.state.catalog, app.state.settings).spec.job_id
 

@@ -164,7 +164,7 @@ def test_module_import_does_not_import_torch():
 
 
 def test_converted_model_loads_as_scale4_rrdbnet(upscaler):
-    descriptor = upscaler._descriptor
+    descriptor = upscaler.descriptor
     assert descriptor.scale == 4 and type(descriptor.model).__name__ == "RRDBNet"
     info = upscaler.describe()
     assert info["loaded"] and info["device"] == "cpu" and info["dtype"] == "float32"
@@ -178,7 +178,7 @@ def test_matches_ncnn_reference(upscaler, crop48, ours48, ref48):
     print(f"ncnn vs ours (clamped): max |diff| = {diff:.2e}")
     assert diff < 1e-3
     with torch.inference_mode():  # raw network output too, before any clamping
-        raw = upscaler._descriptor.model(torch.from_numpy(crop48.transpose(2, 0, 1).copy())[None])
+        raw = upscaler.descriptor.model(torch.from_numpy(crop48.transpose(2, 0, 1).copy())[None])
     raw_diff = np.abs(raw[0].permute(1, 2, 0).numpy() - ref48).max()
     print(f"ncnn vs ours (raw): max |diff| = {raw_diff:.2e}")
     assert raw_diff < 1e-3
@@ -222,7 +222,7 @@ def test_tiled_blend_is_exact_for_a_local_operator(upscaler, monkeypatch):
     rgb = synthetic_rgb(70, 53)
     whole = upscaler.run_model(rgb)
     tiled = RealESRGANUpscaler(upscaler.cache_dir, device="cpu", tile=32, tile_overlap=8)
-    tiled._descriptor, tiled._device = upscaler._descriptor, upscaler._device
+    tiled.adopt(upscaler.descriptor, torch.device("cpu"), upscaler.dtype)
     assert np.abs(tiled.run_model(rgb) - whole).max() < 1e-6
 
 
@@ -255,7 +255,7 @@ def test_oom_halves_tile_then_raises(upscaler, monkeypatch):
 
     monkeypatch.setattr(RealESRGANUpscaler, "_forward", fake_forward)
     up = RealESRGANUpscaler(upscaler.cache_dir, device="cuda", tile=512, tile_overlap=32, tile_pad=0)
-    up._descriptor, up._device = upscaler._descriptor, torch.device("cuda")  # pretend: no GPU here
+    up.adopt(upscaler.descriptor, torch.device("cuda"), upscaler.dtype)  # pretend: no GPU here
     limit = 128
     assert up.run_model(synthetic_rgb(300, 300)).shape == (1200, 1200, 3)
     assert seen[:2] == [300, 256] and set(seen[2:]) == {128}

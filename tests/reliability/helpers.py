@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from websockets.asyncio.client import connect
 
-from tests.conftest import live, run_async, terminal_record  # noqa: F401 (re-exported to the tests)
+from tests.conftest import live, run_async, terminal_record, wait_until  # noqa: F401 (re-exported to the tests)
 
 TIMEOUT = 10.0
 SMALL = {"width": 64, "height": 64}
@@ -52,14 +52,14 @@ class Resources:
 
 
 async def _loop_state(engine) -> tuple[int, int]:
-    subscribers = sum(len(subs) for subs in engine.hub._subscribers.values())
+    subscribers = engine.hub.subscriber_count()
     return len(asyncio.all_tasks()), subscribers
 
 
 def resources(server) -> Resources:
     tasks, subscribers = server.call(_loop_state(server.engine))
     return Resources(tasks=tasks, threads=threading.active_count(), fds=len(os.listdir("/proc/self/fd")),
-                     active_jobs=len(server.engine._active), subscribers=subscribers)
+                     active_jobs=sum(server.engine.counts().values()), subscribers=subscribers)
 
 
 def settle(server, base: Resources, slack: int = 0, timeout: float = 15.0) -> Resources:
@@ -71,16 +71,6 @@ def settle(server, base: Resources, slack: int = 0, timeout: float = 15.0) -> Re
         threading.Event().wait(0.05)
         now = resources(server)
     return now
-
-
-def wait_until(predicate, timeout: float = 15.0) -> bool:
-    """Poll ``predicate`` at 20 Hz for server-side state that has no event to wait on."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        threading.Event().wait(0.05)
-    return True
 
 
 # -- WebSocket client -----------------------------------------------------------------------------

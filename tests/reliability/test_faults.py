@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from server.testing.fakes import FakeGenerator, FakeUpscaler
+from tests.conftest import finished_by_status
 from tests.reliability.helpers import (TIMEOUT, live, resources, run, settle, wait_until, ws_client)
 
 URL = "/v1/images/generations"
@@ -37,7 +38,8 @@ def raw_post(port: int, body: dict) -> socket.socket:
 
 def gauges(server) -> tuple[float, float]:
     metrics = server.app.state.metrics
-    return metrics.sse_streams._value.get(), metrics.ws_connections._value.get()
+    return (metrics.registry.get_sample_value("t2i_active_sse_streams"),
+            metrics.registry.get_sample_value("t2i_websocket_connections"))
 
 
 def storm(server, round_: int) -> dict:
@@ -52,7 +54,7 @@ def storm(server, round_: int) -> dict:
         assert sock.recv(12) == b"HTTP/1.1 200"
     plain = [raw_post(server.port, {"prompt": f"{tag} plain {i}", "size": "64x64", "num_inference_steps": 50})
              for i in range(STORM)]
-    assert wait_until(lambda: len(engine._active) >= 2 * STORM), len(engine._active)
+    assert wait_until(lambda: sum(engine.counts().values()) >= 2 * STORM), sum(engine.counts().values())
 
     async def sockets():
         async with contextlib.AsyncExitStack() as stack:
@@ -69,7 +71,7 @@ def storm(server, round_: int) -> dict:
     open_gauges = run(sockets())
     for sock in streams + plain:
         sock.close()
-    jobs_open = len(engine._active)
+    jobs_open = sum(engine.counts().values())
     gate.set()
     return {"open_gauges": open_gauges, "jobs_open": jobs_open}
 
@@ -78,14 +80,13 @@ def test_disconnect_storms_leak_nothing(tmp_path):
     with live(tmp_path, generator=FakeGenerator(step_s=0.002), max_queue=200, max_queue_per_client=200) as server:
         seen = [storm(server, 0)]
         base = settle(server, resources(server))  # pools warmed up by the first storm
-        wait_until(lambda: not server.engine._active)
+        wait_until(lambda: not server.engine.counts())
         base = settle(server, base)
         seen.append(storm(server, 1))
-        drained = wait_until(lambda: not server.engine._active, timeout=30)
+        drained = wait_until(lambda: not server.engine.counts(), timeout=30)
         after = settle(server, base)
         final_gauges = gauges(server)
-        finished = {key[0]: int(child._value.get())
-                    for key, child in server.app.state.metrics.jobs_finished._metrics.items()}
+        finished = finished_by_status(server.app.state.metrics)
         health = httpx.get(server.url + "/health", timeout=TIMEOUT).json()
     print(f"\nstorms: {seen}; finished jobs {finished}; resources {base} -> {after}")
     assert all(s["open_gauges"] == (STORM, STORM) for s in seen), seen  # the gauges did move

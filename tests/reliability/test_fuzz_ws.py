@@ -16,6 +16,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from server.testing.fakes import FakeGenerator
+from tests.conftest import finished_by_status
 from tests.reliability.helpers import (TIMEOUT, assert_no_leak, live, resources, run, settle, wait_until,
                                        ws_client)
 
@@ -187,9 +188,8 @@ def test_create_job_floods_hit_the_per_client_and_global_limits(tmp_path):
             return results, full
 
         results, counts_when_full = run(body(), limit=90)
-        drained = wait_until(lambda: not server.engine._active)
-        finished = dict(server.app.state.metrics.jobs_finished._metrics)
-        statuses = {key[0]: int(child._value.get()) for key, child in finished.items()}
+        drained = wait_until(lambda: not server.engine.counts())
+        statuses = finished_by_status(server.app.state.metrics)
     print(f"\nflood: {results}; engine when full: {counts_when_full}")
     # One of the 16 accepted jobs of each client went to the GPU (processing), the rest wait.
     assert results["anonymous"] == {"pending": 16, "client_queue_full": 44}

@@ -22,7 +22,7 @@ from load_test import run_load  # noqa: E402
 def test_200_mixed_requests_each_get_exactly_one_terminal_outcome(tmp_path):
     with live(tmp_path, generator=FakeGenerator(step_s=0.001), max_queue=512, max_queue_per_client=512) as server:
         report = run(run_load(server.url, server.ws_url, requests=200, clients=24, seed=7), limit=120)
-        drained = wait_until(lambda: not server.engine._active)
+        drained = wait_until(lambda: not server.engine.counts())
         after = resources(server)
     summary = report.summary()
     print(f"\nload: {summary['outcomes']} in {summary['elapsed_s']} s")

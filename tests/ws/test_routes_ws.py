@@ -20,7 +20,7 @@ from websockets.exceptions import ConnectionClosed
 
 from server.testing.fakes import FakeGenerator, FakeUpscaler
 from server.ws.sessions import CLOSE_UNAUTHORIZED
-from tests.conftest import http_get, live, run_async, terminal_record
+from tests.conftest import http_get, live, run_async, terminal_record, wait_until
 
 MMSS = re.compile(r"^\d{2,}:\d{2}$")
 SPEED = re.compile(r"^\d+\.\d{2}(s/it|it/s)$")
@@ -273,9 +273,9 @@ def test_anonymous_disconnect_releases_its_jobs(gated_server):
 
     job_id, no_id = run(body())
     assert no_id["type"] == "error" and no_id["code"] == "client_id_required"
-    # The server notices the disconnect asynchronously: wait for the engine's cancel signal (a
-    # threading.Event) before letting the held job run on.
-    assert gated_server.engine._active[job_id].cancel_flag.wait(TIMEOUT)
+    # The server notices the disconnect asynchronously: wait for the engine's stop request before
+    # letting the held job run on.
+    assert wait_until(lambda: gated_server.engine.cancel_requested(job_id))
     gated_server.gate.set()
     assert wait_terminal(gated_server, job_id) == "cancelled"
 

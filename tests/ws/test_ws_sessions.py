@@ -47,7 +47,7 @@ def test_slow_connection_coalesces_progress_but_keeps_every_status():
         conn.push_coalesced("progress", "j", {"type": "job_progress", "step": 101})
         conn.push_status(Record("processing", 1.0), {"type": "job_status", "status": "processing"})  # stale
         conn.push_status(Record("completed", 3.0), {"type": "job_status", "status": "completed"})
-        queued = len(conn._outbox)
+        queued = conn.queued()
         socket.release.set()
         await asyncio.wait_for(socket.done.wait(), TIMEOUT)
         await conn.stop()
