@@ -1,4 +1,5 @@
-"""SSE events of ``POST /v1/images/generations`` with ``"stream": true``: two dialects, one feed.
+"""SSE events of ``POST /v1/images/generations`` and ``/v1/images/edits`` with ``"stream": true``:
+two dialects, one feed. Edits name their OpenAI events ``image_edit.*`` (``StreamContext.family``).
 
 Both dialects turn the same job events (previews, then the terminal status) into
 ``ServerSentEvent`` objects; the route owns the transport (``EventSourceResponse``, disconnects,
@@ -42,6 +43,7 @@ from server.core.spec import JobSpec
 
 log = logging.getLogger(__name__)
 SEP = "\n"
+GENERATION, EDIT = "image_generation", "image_edit"  # the OpenAI dialect's event family per route
 PARTIAL_EVENT = "image_generation.partial_image"
 COMPLETED_EVENT = "image_generation.completed"
 
@@ -58,6 +60,7 @@ class StreamContext:
     compression: int
     usage: Usage
     created_at: int
+    family: str = GENERATION  # EDIT: ``image_edit.partial_image`` / ``image_edit.completed``
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,8 @@ def preview_steps(spec: JobSpec) -> list[int]:
     """The steps at which the job's generator emits a preview (per image)."""
     if spec.preview_method == "none":
         return []
-    return [s for s in range(1, spec.steps + 1) if s % spec.preview_interval == 0 or s == spec.steps]
+    run = spec.steps_run  # an edit runs steps x strength of its steps
+    return [s for s in range(1, run + 1) if s % spec.preview_interval == 0 or s == run]
 
 
 def partial_targets(spec: JobSpec, wanted: int) -> list[int]:
@@ -145,7 +149,7 @@ class StepDialect:
 
     def completed(self, images: list[FinalImage]) -> list[ServerSentEvent]:
         ctx, now = self.ctx, time.time()
-        events = [sse(StepEvent(job_id=ctx.job_id, index=img.index, step=ctx.spec.steps, total_steps=ctx.spec.steps,
+        events = [sse(StepEvent(job_id=ctx.job_id, index=img.index, step=ctx.spec.steps_run, total_steps=ctx.spec.steps_run,
                                 progress=100.0, image=img.b64, timestamp=now, is_final=True,
                                 output_format=ctx.output_format, seed=img.seed, upscaled_image=img.upscaled_b64))
                   for img in images]
@@ -170,17 +174,19 @@ class OpenAIDialect:
         ctx = self.ctx
         image = await preview_b64(preview, ctx.output_format, ctx.compression)
         self.sent[preview.image_index] = sent + len(due)
-        return [sse(PartialImageEvent(b64_json=image, partial_image_index=j, created_at=int(timestamp), size=ctx.size,
-                                      quality=ctx.quality, output_format=ctx.output_format,
-                                      image_index=preview.image_index, job_id=ctx.job_id), event=PARTIAL_EVENT)
+        kind = f"{ctx.family}.partial_image"
+        return [sse(PartialImageEvent(type=kind, b64_json=image, partial_image_index=j, created_at=int(timestamp),
+                                      size=ctx.size, quality=ctx.quality, output_format=ctx.output_format,
+                                      image_index=preview.image_index, job_id=ctx.job_id), event=kind)
                 for j in due]
 
     def completed(self, images: list[FinalImage]) -> list[ServerSentEvent]:
         ctx, now = self.ctx, int(time.time())
-        return [sse(CompletedEvent(b64_json=img.b64, created_at=now, size=ctx.size, quality=ctx.quality,
+        kind = f"{ctx.family}.completed"
+        return [sse(CompletedEvent(type=kind, b64_json=img.b64, created_at=now, size=ctx.size, quality=ctx.quality,
                                    output_format=ctx.output_format, usage=ctx.usage, image_index=img.index,
                                    job_id=ctx.job_id, seed=img.seed, upscaled_b64_json=img.upscaled_b64),
-                    event=COMPLETED_EVENT)
+                    event=kind)
                 for img in images]
 
 

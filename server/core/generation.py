@@ -32,6 +32,19 @@ class GenerationRequest:
     preview_method: str = "fast"  # "fast" (linear latent->RGB) | "vae" (full decode of x0) | "none"
     preview_interval: int = 1  # steps between previews; the last step always previews
     preview_max_side: int = 512
+    # Edits (image_to_image): the stored input image (RGB PNG), and for inpainting the mask (L PNG,
+    # white = repaint); ``strength`` in (0, 1]. None for text-to-image.
+    image_path: str | None = None
+    mask_path: str | None = None
+    strength: float | None = None
+
+    @property
+    def is_edit(self) -> bool:
+        return self.image_path is not None
+
+    @property
+    def steps_run(self) -> int:
+        return steps_run(self.steps, self.strength)
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,14 @@ class Upscaler(Protocol):
     def upscale(self, image: "Image") -> "Image":
         """Return the image 4x larger (RGB or RGBA kept)."""
         ...
+
+
+def steps_run(steps: int, strength: float | None) -> int:
+    """The steps a diffusers img2img/inpaint pipeline really runs for ``steps`` at ``strength``
+    (its ``get_timesteps``, float for float); all of them without a strength."""
+    if strength is None:
+        return steps
+    return steps - int(max(steps - min(steps * strength, steps), 0))
 
 
 def preview_interval_for(steps: int, percent: int = 10) -> int:

@@ -30,6 +30,11 @@ class ModelProfile:
     def __post_init__(self) -> None:
         object.__setattr__(self, "variants", tuple(self.repos))
 
+    @property
+    def supports_edits(self) -> bool:
+        """img2img and inpainting: diffusers has them for Z-Image, not for CogView4."""
+        return self.pipeline_class == "ZImagePipeline"
+
 
 PROFILES: dict[str, ModelProfile] = {
     profile.model_id: profile

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from server.core import files
@@ -95,7 +96,7 @@ class JobRunner:
 
     def _generate(self, active: ActiveJob) -> "list[Image]":
         loop_call = self._loop.call_soon_threadsafe
-        request = active.record.spec.generation_request(self._host.config.preview_max_side)
+        request = active.record.spec.generation_request(self._host.config.preview_max_side, self._host.config.output_dir)
 
         def on_step(update: StepUpdate) -> None:
             self._post.submit(self._emit_step, active, update, time.time(), loop_call)
@@ -163,8 +164,43 @@ class JobRunner:
         log.warning("job %s: upscaling failed: %s", active.job_id[:12], error)
         return JobResult(result.images, result.seeds, f"upscaling failed: {_describe(error)}", result.generation_s)
 
+    @property
+    def can_upscale(self) -> bool:
+        return self._upscaler is not None
+
+    async def upscale_saved(self, active: ActiveJob) -> None:
+        """Finish a generated job whose upscale has not run (the process died during it, or a repeat
+        request retries a failed one): read its saved images back, upscale, complete. The images
+        are never generated again; if they cannot be read the job completes without the upscale."""
+        result = active.record.result
+        active.started_at = time.monotonic()
+        try:
+            images = await asyncio.get_running_loop().run_in_executor(
+                self._cpu, _load_saved, self._host.config.output_dir, result)
+        except OSError as exc:
+            log.warning("job %s: the generated image could not be read back: %s", active.job_id[:12], exc)
+            reason = f"upscaling failed: the generated image could not be read ({_describe(exc)})"
+            result = replace(result, upscale_error=reason)
+            await self._host.finish(active, JobStatus.COMPLETED, result=result)
+            return
+        await self._host.finish(active, JobStatus.COMPLETED, result=await self._upscaled(active, images, result))
+
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+
+
+def _load_saved(directory, result: JobResult) -> "list[Image]":
+    """The job's saved (not upscaled) images, decoded. Raises ``OSError`` when one is missing."""
+    from PIL import Image
+
+    images = []
+    for image in result.images:
+        path = files.resolve_output(directory, image.filename)
+        if path is None:
+            raise FileNotFoundError(2, "no such file", image.filename)
+        with Image.open(path) as opened:
+            images.append(opened.convert("RGB"))
+    return images
 
 
 def _failure(active: ActiveJob, error: BaseException) -> tuple[JobStatus, str, FailureCode]:

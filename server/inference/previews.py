@@ -54,6 +54,8 @@ _ZERO_BIAS = (0.0, 0.0, 0.0)
 # Keyed by diffusers pipeline class name: (16x3 factors, 3 bias).
 LATENT_RGB_FACTORS: dict[str, tuple[tuple[tuple[float, float, float], ...], tuple[float, float, float]]] = {
     "ZImagePipeline": (_FLUX_FACTORS, _FLUX_BIAS),
+    "ZImageImg2ImgPipeline": (_FLUX_FACTORS, _FLUX_BIAS),  # edits: the same VAE space
+    "ZImageInpaintPipeline": (_FLUX_FACTORS, _FLUX_BIAS),
     "CogView4Pipeline": (_COGVIEW4_FACTORS, _ZERO_BIAS),
 }
 

@@ -162,9 +162,10 @@ class StepEvent(BaseModel):
 
 
 class PartialImageEvent(BaseModel):
-    """OpenAI ``image_generation.partial_image``; ``image_index`` (an extension) is the image of n."""
+    """OpenAI ``image_generation.partial_image`` (``image_edit.partial_image`` for edits);
+    ``image_index`` (an extension) is the image of n."""
 
-    type: Literal["image_generation.partial_image"] = "image_generation.partial_image"
+    type: Literal["image_generation.partial_image", "image_edit.partial_image"] = "image_generation.partial_image"
     b64_json: str
     partial_image_index: int
     created_at: int
@@ -177,9 +178,9 @@ class PartialImageEvent(BaseModel):
 
 
 class CompletedEvent(BaseModel):
-    """OpenAI ``image_generation.completed``: one per image."""
+    """OpenAI ``image_generation.completed`` (``image_edit.completed`` for edits): one per image."""
 
-    type: Literal["image_generation.completed"] = "image_generation.completed"
+    type: Literal["image_generation.completed", "image_edit.completed"] = "image_generation.completed"
     b64_json: str
     created_at: int
     size: str

@@ -2,12 +2,17 @@
 
 ``FakeGenerator`` honours the whole generation contract (steps, previews, seeds, cancellation)
 with a fixed time per step, so timing-sensitive behaviour of the job core can be shown without a
-model. Prompts containing ``fail:oom`` or ``fail:error`` raise the matching errors.
+model. Prompts containing ``fail:oom`` or ``fail:error`` raise the matching errors; ``fail:crash``
+kills the whole process (SIGKILL), as a driver crash or the OOM killer would. An edit
+(``request.image_path``) blends the stored input with the seed's colour by ``strength`` and keeps the
+input's pixels outside the mask, as the real inpainting does.
 """
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import threading
 import time
 
@@ -39,13 +44,16 @@ class FakeGenerator:
                 raise OutOfMemory("out of GPU memory while generating; try a smaller size")
             if "fail:error" in request.prompt:
                 raise GenerationFailed("the generator failed")
+            if "fail:crash" in request.prompt:  # a crash that takes the process down (segfault, OOM killer)
+                os.kill(os.getpid(), signal.SIGKILL)
             return [self._one(request, i, on_step, is_cancelled) for i in range(request.n)]
         finally:
             self.busy_s += time.monotonic() - started
 
     def _one(self, request, index, on_step, is_cancelled) -> Image.Image:
         colour = _colour(request.seed + index)
-        for step in range(1, request.steps + 1):
+        total = request.steps_run
+        for step in range(1, total + 1):
             if is_cancelled():
                 raise JobCancelled()
             if self.gate is not None:
@@ -53,13 +61,15 @@ class FakeGenerator:
             if self.step_s:
                 time.sleep(self.step_s)  # stands for GPU work on this (GPU) thread
             preview = None
-            if request.preview_method != "none" and (step % request.preview_interval == 0 or step == request.steps):
-                shade = tuple(int(c * step / request.steps) for c in colour)
+            if request.preview_method != "none" and (step % request.preview_interval == 0 or step == total):
+                shade = tuple(int(c * step / total) for c in colour)
                 side = min(request.preview_max_side, 64)
                 preview = Image.new("RGB", (side, side), shade)
-            on_step(StepUpdate(index, step, request.steps, preview))
+            on_step(StepUpdate(index, step, total, preview))
         if is_cancelled():
             raise JobCancelled()
+        if request.is_edit:
+            return _edited(request, colour)
         if self.noise:
             return Image.frombytes("RGB", (request.width, request.height),
                                    random.Random(request.seed + index).randbytes(request.width * request.height * 3))
@@ -67,15 +77,30 @@ class FakeGenerator:
 
 
 class FakeUpscaler:
-    def __init__(self, fail: bool = False):
+    def __init__(self, fail: bool = False, delay_s: float = 0.0):
         self.fail = fail
+        self.delay_s = delay_s  # seconds per image: holds a job in ``generated`` (e.g. for a kill -9)
         self.calls = 0
 
     def upscale(self, image: Image.Image) -> Image.Image:
         self.calls += 1
+        if self.delay_s:
+            time.sleep(self.delay_s)  # stands for upscaling work on the GPU thread
         if self.fail:
             raise OutOfMemory("out of GPU memory while upscaling")
         return image.resize((image.width * 4, image.height * 4), Image.NEAREST)
+
+
+def _edited(request: GenerationRequest, colour: tuple[int, int, int]) -> Image.Image:
+    size = (request.width, request.height)
+    with Image.open(request.image_path) as stored:
+        source = stored.convert("RGB").resize(size)
+    result = Image.blend(source, Image.new("RGB", size, colour), request.strength)
+    if request.mask_path is None:
+        return result
+    with Image.open(request.mask_path) as stored:
+        mask = stored.convert("L").resize(size, Image.NEAREST)
+    return Image.composite(result, source, mask)
 
 
 def _colour(seed: int) -> tuple[int, int, int]:

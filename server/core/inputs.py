@@ -1,0 +1,125 @@
+"""Input images of edit jobs: bounded decoding, pixel hashes, content-addressed storage.
+
+Everything here blocks (decoding, hashing, file I/O): call it from a worker thread, never from the
+event loop.
+
+- Decoding reads the header first and refuses more than ``max_pixels`` pixels *before* the pixel
+  data is decoded (decompression bombs), then decodes fully so a truncated file is refused here
+  and not on the GPU thread. Only PNG, JPEG and WebP are accepted (as OpenAI's edits endpoint).
+- Identity: ``pixel_sha`` is the SHA-256 of the decoded pixels (mode, size, bytes), so the same
+  picture sent as PNG or re-encoded losslessly is the same input, and any changed pixel is another.
+- Storage: ``<output_dir>/inputs/<sha>.png``, written once and atomically (``files.write_atomic``).
+  With the Redis backend every node mounts the same output directory, so a worker reads the input
+  from there: the bytes never travel through Redis.
+- Masks follow OpenAI: fully transparent pixels (alpha 0) mark the area to change. They are stored
+  converted to what diffusers wants: an ``L`` image, 255 (white) = repaint, 0 = keep.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from PIL import Image, UnidentifiedImageError
+
+from server.core import files
+from server.core.errors import InvalidRequest
+
+INPUTS_DIR = "inputs"
+FORMATS = ("PNG", "JPEG", "WEBP")
+REPAINT, KEEP = 255, 0
+
+
+@dataclass(frozen=True)
+class EditInputs:
+    """What an edit's spec needs about its inputs: their pixel hashes and the image's size."""
+
+    image_sha: str
+    width: int
+    height: int
+    mask_sha: str | None = None
+
+
+def open_bounded(source: Path | BinaryIO, param: str, max_pixels: int) -> Image.Image:
+    """The decoded image (first frame); ``InvalidRequest(param=param)`` for anything else: not an
+    image, another format, more than ``max_pixels`` pixels, a truncated or corrupt file."""
+    try:
+        with warnings.catch_warnings():  # PIL warns about large images; the bound below decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(source)  # lazy: only the header is read here
+    except Image.DecompressionBombError:
+        raise InvalidRequest(f"'{param}' has too many pixels (at most {max_pixels}).", param=param) from None
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise InvalidRequest(f"'{param}' is not an image this server can read: send a PNG, JPEG or WebP file.",
+                             param=param) from None
+    if image.format not in FORMATS:
+        raise InvalidRequest(f"'{param}' is a {image.format} image; send a PNG, JPEG or WebP file.", param=param)
+    width, height = image.size
+    if width < 1 or height < 1 or width * height > max_pixels:
+        raise InvalidRequest(f"'{param}' is {width}x{height}: too many pixels (at most {max_pixels}).", param=param)
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        raise InvalidRequest(f"'{param}' is truncated or corrupt: it could not be decoded.", param=param) from None
+    return image
+
+
+def pixel_sha(image: Image.Image) -> str:
+    digest = hashlib.sha256(f"{image.mode}:{image.width}x{image.height}:".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def mask_from_alpha(mask: Image.Image, image_size: tuple[int, int], param: str = "mask") -> Image.Image:
+    """OpenAI's mask (alpha 0 = edit) as diffusers' (white = repaint); 400 without alpha or at
+    another size than the image's."""
+    if mask.size != image_size:
+        raise InvalidRequest(f"'{param}' is {mask.width}x{mask.height} but the image is "
+                             f"{image_size[0]}x{image_size[1]}: they must be the same size.", param=param)
+    if not mask.has_transparency_data:
+        raise InvalidRequest(f"'{param}' has no alpha channel: send a PNG whose fully transparent pixels "
+                             "(alpha 0) mark the area to edit.", param=param)
+    alpha = mask.convert("RGBA").getchannel("A")
+    return alpha.point(lambda a: REPAINT if a == 0 else KEEP, mode="L")
+
+
+def input_path(output_dir: Path, sha: str) -> Path:
+    return Path(output_dir) / INPUTS_DIR / f"{sha}.png"
+
+
+def store(output_dir: Path, image: Image.Image) -> str:
+    """Store ``image`` once under its pixel hash; returns the hash. Concurrent stores of the same
+    picture are harmless: each writes complete bytes and the rename is atomic."""
+    sha = pixel_sha(image)
+    target = input_path(output_dir, sha)
+    if not target.is_file():
+        files.write_atomic(target.parent, target.name, files.encode_image(image, "png", png_level=1))
+    return sha
+
+
+def ingest(output_dir: Path, image: Path | BinaryIO, mask: Path | BinaryIO | None, max_pixels: int,
+           image_param: str = "image", mask_param: str = "mask") -> EditInputs:
+    """Decode, check and store an edit's image (as RGB) and optional mask; raise ``InvalidRequest``
+    naming the offending param."""
+    picture = open_bounded(image, image_param, max_pixels)
+    size = picture.size
+    rgb = picture.convert("RGB")
+    converted = None
+    if mask is not None:
+        converted = mask_from_alpha(open_bounded(mask, mask_param, max_pixels), size, mask_param)
+    image_sha = store(output_dir, rgb)
+    mask_sha = store(output_dir, converted) if converted is not None else None
+    return EditInputs(image_sha=image_sha, width=size[0], height=size[1], mask_sha=mask_sha)
+
+
+def load(output_dir: Path, sha: str, mode: str) -> Image.Image:
+    """A stored input (GPU thread); ``InvalidRequest`` when it is gone (e.g. the directory was cleaned)."""
+    path = input_path(output_dir, sha)
+    try:
+        with Image.open(path) as image:
+            return image.convert(mode)
+    except FileNotFoundError:
+        raise InvalidRequest(f"The input image {sha[:12]} is no longer stored; send it again.", param="image") from None
