@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 from server.config import Settings
 from server.core.catalog import Catalog, resolve_default_model
 from server.core.engine import EngineConfig, JobEngine
+from server.core.errors import StorageUnavailable
 from server.core.generation import Generator, Upscaler
 from server.core.store import SQLiteJobStore
 from server.metrics import Metrics
@@ -104,8 +105,16 @@ def prepare(settings: Settings, default_model: str, generator: Generator | None 
             upscaler: Any = None) -> Inference:
     """Blocking: build what was not given (``upscaler=NO_UPSCALER``: none), load the default model
     and create ``output_dir``. Builds and loads nothing on an API node. Raises ``ServerError`` when
-    the model cannot be loaded (the message says why and what to do)."""
-    settings.output_dir.mkdir(parents=True, exist_ok=True)
+    the model cannot be loaded (the message says why and what to do), ``StorageUnavailable`` when
+    the output directory cannot be made or (single node) the job database is damaged or its disk
+    full: checked first, so a bad disk ends ``python -m server`` at once with one line."""
+    try:
+        settings.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageUnavailable(f"cannot create the output directory {settings.output_dir}: "
+                                 f"{exc.strerror or exc}; choose another with --output-dir") from None
+    if not settings.backend:
+        SQLiteJobStore.check(settings.db_path)
     if not runs_jobs(settings):
         return Inference(default_model, None, None)
     generator = generator if generator is not None else default_generator(settings)

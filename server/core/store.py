@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import errno
 import logging
+import shutil
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
+from server.core.errors import StorageUnavailable
 from server.core.jobs import JobRecord, JobResult
 from server.core.spec import JobSpec
 from server.core.states import RECOVERY, RESTART_REASON, FailureCode, JobStatus
@@ -60,8 +63,42 @@ class SQLiteJobStore:
         self._conn: sqlite3.Connection | None = None
 
     async def open(self) -> "SQLiteJobStore":
-        await self._run(self._open_sync)
+        """Open, check and migrate the database. Raises ``StorageUnavailable`` whose message is one
+        line naming the file, the problem and the remedy when the file is damaged, is not a file,
+        cannot be opened, or its disk is full: the server must not start on it."""
+        try:
+            await self._run(self._open_sync)
+            await self._run(self._check_sync)
+        except (sqlite3.Error, OSError) as exc:
+            await self._run(self._discard_sync)
+            raise StorageUnavailable(open_failure(self._path, exc)) from None
         return self
+
+    @classmethod
+    def check(cls, path: Path) -> None:
+        """Blocking: open and check the database at ``path`` once, then close it (before the server
+        binds, so a damaged database ends ``python -m server`` with one line). Raises like ``open``."""
+        import asyncio
+
+        async def probe() -> None:
+            store = await cls(path).open()
+            await store.close()
+
+        asyncio.run(probe())
+
+    def _check_sync(self) -> None:
+        """Read every page (damage past the header shows only when read) and commit one write (a
+        full disk shows only on write), so neither surfaces later as a failure of some job."""
+        problems = [row[0] for row in self._conn.execute("PRAGMA quick_check").fetchall()]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError(f"integrity check failed: {problems[0]}")
+        version = int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+        self._conn.execute(f"PRAGMA user_version = {version}")  # rewrites the header page: a real commit
+
+    def _discard_sync(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     def _open_sync(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,6 +176,28 @@ class SQLiteJobStore:
             await self._run(self._conn.close)
             self._conn = None
         self._executor.shutdown(wait=True)
+
+
+def open_failure(path: Path, exc: BaseException) -> str:
+    """One line for a database that cannot be used: the file, the problem, the remedy."""
+    aside = f"move it aside (mv {path} {path}.broken) and start again to begin with an empty job list"
+    detail = getattr(exc, "strerror", None) or str(exc)
+    code = getattr(exc, "sqlite_errorname", "")
+    if path.is_dir():
+        return f"the job database {path} is a directory, not a file; {aside}"
+    if getattr(exc, "errno", None) == errno.ENOSPC or code == "SQLITE_FULL" or _disk_full(path.parent):
+        return f"cannot write the job database {path}: the disk is full; free space on that disk and start again"
+    if code in ("SQLITE_CORRUPT", "SQLITE_NOTADB") or "integrity" in detail:
+        return f"the job database {path} is damaged ({detail}); {aside} (image files are not affected)"
+    return f"cannot open the job database {path} ({detail}); check its permissions, or {aside}"
+
+
+def _disk_full(directory: Path) -> bool:
+    """SQLite reports a full disk as a generic I/O error when it cannot even create its -shm file."""
+    try:
+        return shutil.disk_usage(directory).free < 1024 * 1024
+    except OSError:
+        return False
 
 
 COLUMNS = "jobs.job_id, spec, status, created_at, updated_at, result, error, owner, attempt, failure"
