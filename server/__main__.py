@@ -8,17 +8,41 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sys
 
 from server.config import Settings, parse_cli
 
 log = logging.getLogger("server")
+# Secrets a client may put in a URL (the web page sends its API key as ``?api_key=``: browsers
+# cannot set headers on a WebSocket); uvicorn logs every path with its query string.
+QUERY_SECRET = re.compile(r"([?&](?:api_key|api-key|apikey|key|token|access_token)=)[^&\s\"']*", re.IGNORECASE)
+
+
+class RedactQuerySecrets(logging.Filter):
+    """Replaces query-string secrets in a record's arguments (uvicorn's access lines and its
+    WebSocket ``[accepted]`` lines pass the path as an argument) and in its message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = QUERY_SECRET.sub(r"\1REDACTED", record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(QUERY_SECRET.sub(r"\1REDACTED", arg) if isinstance(arg, str) else arg
+                                for arg in record.args)
+        return True
+
+
+def configure_logging(level: str) -> None:
+    """Root handler at ``level``; every handler redacts query-string secrets."""
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactQuerySecrets())
 
 
 def main(argv: list[str] | None = None, generator=None, upscaler=None) -> int:
     """``generator``/``upscaler``: None builds the real ones (``server.testing.serve`` passes fakes)."""
     settings = parse_cli(argv)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     return launch(settings, generator, upscaler)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from server.streaming import FinalImage, OpenAIDialect, StepDialect, StreamConte
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"])
 CLIENT_CLOSED = 499  # nginx's "client closed request": logged only, nobody reads it
+SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
 SIZE_PARAMS = {"width": "size", "height": "size", "steps": "num_inference_steps"}
 TOO_LARGE = {413: {"model": ErrorEnvelope, "description": "The body is larger than max_body_bytes"}}
 
@@ -85,10 +87,11 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     """``"WxH"`` -> (W, H); ``None``/``"auto"`` -> the model's default (None, None)."""
     if size is None or size == "auto":
         return None, None
-    width, sep, height = size.lower().partition("x")
-    if not (sep and width.isdigit() and height.isdigit()):
+    # ASCII digits only: str.isdigit() admits '²' (int() then raises) and other scripts' digits.
+    match = SIZE.fullmatch(size.lower())
+    if match is None:
         raise InvalidRequest(f"size must be 'WIDTHxHEIGHT' (e.g. '512x512') or 'auto', not '{size[:40]}'", param="size")
-    return int(width), int(height)
+    return int(match[1]), int(match[2])
 
 
 # -- routes ---------------------------------------------------------------------------------------

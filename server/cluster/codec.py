@@ -48,6 +48,12 @@ def default_node_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
 
 
+def client_list_name(client_id: str, owner: str | None) -> str:
+    """A client's job list is per API key owner (``|`` is not allowed in a client id), so one key's
+    jobs never crowd another key's off a shared client id's list."""
+    return client_id if owner is None else f"{owner}|{client_id}"
+
+
 @dataclass(frozen=True)
 class Keys:
     prefix: str
@@ -58,8 +64,9 @@ class Keys:
     def events(self, job_id: str) -> str:
         return f"{self.prefix}ev:{job_id}"
 
-    def client(self, client_id: str) -> str:
-        return f"{self.prefix}cl:{client_id}"
+    def client(self, client_list: str) -> str:
+        """The sorted set of a ``client_list_name``'s jobs."""
+        return f"{self.prefix}cl:{client_list}"
 
     @property
     def queue(self) -> str:

@@ -4,7 +4,7 @@ unchanged, with no GPU and no job state of its own.
 Queue: stream ``queue`` + consumer group ``workers``. Records: hash ``job:{id}`` keyed by the job
 id (the spec hash). Events: capped stream ``ev:{id}`` per job, latest preview in ``pv:{id}``.
 Interests: ``int:{id}`` (who wants the job) and ``ia:{interest}`` (unfinished jobs of a client, for
-the per-client limit). Client job lists: sorted set ``cl:{client}``. Pending order: sorted set
+the per-client limit). Client job lists: sorted set ``cl:{client}`` (``cl:{owner}|{client}`` with keys). Pending order: sorted set
 ``pending``; jobs on a worker: set ``running``.
 
 ``queue_position`` and ``counts`` are synchronous in the engine interface, so they read a snapshot
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from redis.exceptions import RedisError, ResponseError
 
 from server.cluster import scripts
-from server.cluster.codec import GROUP, Keys, client_name, connect, default_node_id, pairs, preview_event, reader_client, record_from_hash
+from server.cluster.codec import GROUP, Keys, client_list_name, client_name, connect, default_node_id, pairs, preview_event, reader_client, record_from_hash
 from server.cluster.streams import FeedReader
 from server.core.engine import scoped_job_id
 from server.core.ports import EngineConfig, Submission
@@ -117,7 +117,7 @@ class RedisEngine:
             raise ShuttingDown("the server is shutting down and accepts no new jobs")
         job_id = scoped_job_id(spec, owner)
         args = [self.options.prefix, GROUP, job_id, repr(time.time()), _spec_json(spec), owner or "", interest,
-                client_id or "", self.config.max_queue, self.config.max_queue_per_client, self.options.event_maxlen]
+                client_list_name(client_id, owner) if client_id else "", self.config.max_queue, self.config.max_queue_per_client, self.options.event_maxlen]
         code, flat, preview = await self._submit(args=args)
         if code == "full":
             raise QueueFull(f"the queue is full ({self.config.max_queue} jobs waiting); retry later")
@@ -175,7 +175,7 @@ class RedisEngine:
         return record_from_hash(job_id, fields)
 
     async def client_jobs(self, client_id: str, owner: str | None = None) -> list[JobRecord]:
-        job_ids = await self.redis.zrevrange(self.keys.client(client_id), 0, 199)
+        job_ids = await self.redis.zrevrange(self.keys.client(client_list_name(client_id, owner)), 0, 199)
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 pipe.hgetall(self.keys.job(job_id))

@@ -43,7 +43,7 @@ from server.streaming import FinalImage, StepDialect, StreamContext, job_events,
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"])
-EVENT_ID = re.compile(r"\d{1,20}-\d{1,20}")  # a Redis stream id, as sent in ``id:``
+EVENT_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")  # a Redis stream id as sent in ``id:`` (ASCII: \d is any script)
 
 
 async def resume_subscriber(engine: Engine, job_id: str, last_event_id: str | None,

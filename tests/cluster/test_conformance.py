@@ -143,3 +143,26 @@ def test_cancel_of_a_running_job_stops_it_at_a_step(backend, tmp_path):
             kinds, final = await until_terminal(submission.subscriber)
             assert final.status is JobStatus.CANCELLED and kinds.count("progress") < 90
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_client_jobs_filters_by_key_before_its_limit(backend, tmp_path):
+    """Two API keys share a client id: 201 of key A's jobs (the list limit is 200) must not push
+    key B's one job off B's list, nor show in it (issue 16)."""
+    async def scenario():
+        gate = threading.Event()
+        async with engine_for(backend, tmp_path, FakeGenerator(gate=gate)) as engine:
+            mine = await engine.submit(spec("bravo's job"), interest="b", client_id="shared", owner="bbbb")
+            for seed in range(201):  # submitted and cancelled while pending: cheap, and all linked
+                theirs = await engine.submit(spec("alpha", seed=seed), interest="a", client_id="shared",
+                                             owner="aaaa", subscribe=False)
+                await engine.cancel(theirs.record.job_id, "a", "aaaa")
+            listed_b = [r.job_id for r in await engine.client_jobs("shared", "bbbb")]
+            listed_a = await engine.client_jobs("shared", "aaaa")
+            gate.set()
+            await until_terminal(mine.subscriber)
+        return mine.record.job_id, listed_b, listed_a
+
+    job_b, listed_b, listed_a = asyncio.run(scenario())
+    assert listed_b == [job_b]
+    assert len(listed_a) == 200 and {r.owner for r in listed_a} == {"aaaa"}

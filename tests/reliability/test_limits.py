@@ -23,6 +23,11 @@ HTTP_LIMITS = [
     ({"prompt": "ok", "size": "2048x2048"}, "size", "between 64 and 1024"),
     ({"prompt": "ok", "size": "100x64"}, "size", "multiple of 16"),
     ({"prompt": "ok", "size": "big"}, "size", "WIDTHxHEIGHT"),
+    # ASCII digits only: '²' passed str.isdigit() and crashed int() (500); fullwidth and Arabic-Indic
+    # digits were silently read as 256.
+    ({"prompt": "ok", "size": "\u00b2x256"}, "size", "WIDTHxHEIGHT"),
+    ({"prompt": "ok", "size": "\uff12\uff15\uff16x256"}, "size", "WIDTHxHEIGHT"),
+    ({"prompt": "ok", "size": "\u0662\u0665\u0666x\u0662\u0665\u0666"}, "size", "WIDTHxHEIGHT"),
     ({"prompt": "ok", "num_inference_steps": 0}, "num_inference_steps", "greater than or equal to 1"),
     ({"prompt": "ok", "num_inference_steps": 101}, "num_inference_steps", "between 1 and 100"),
     ({"prompt": "ok", "n": 0}, "n", "greater than or equal to 1"),
@@ -40,6 +45,8 @@ WS_LIMITS = [
     ({"prompt": "ok", "width": 64, "height": 72}, "height", "multiple of 16"),
     ({"prompt": "ok", "steps": 0}, "steps", "between 1 and 100"),
     ({"prompt": "ok", "steps": 101}, "steps", "between 1 and 100"),
+    ({"prompt": "ok", "width": "\u00b2", "height": 256}, "width", "valid integer"),
+    ({"prompt": "ok", "width": "\uff12\uff15\uff16", "height": 256}, "width", "valid integer"),
 ]
 
 

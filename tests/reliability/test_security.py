@@ -19,7 +19,8 @@ from server import auth
 from server.config import Settings
 from server.testing.fakes import FakeGenerator, FakeUpscaler
 from server.ws.sessions import CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED
-from tests.reliability.helpers import TIMEOUT, WsClient, assert_no_leak, live, run, ws_client
+from tests.conftest import SHARED_CACHE, ServerProcess
+from tests.reliability.helpers import TIMEOUT, WsClient, assert_no_leak, live, run, wait_until, ws_client
 
 URL = "/v1/images/generations"
 KEYS = ["key-alpha", "key-bravo"]
@@ -113,6 +114,30 @@ def test_image_urls_are_not_keyed_but_not_derivable_from_the_prompt(tmp_path):
     assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
 
 
+def test_query_string_keys_are_redacted_in_the_log(tmp_path):
+    """The web page sends its key as ``?api_key=`` (browsers cannot set WebSocket headers); uvicorn
+    logs every path with its query string. A real server process: its log must not hold the key."""
+    key = "sekrit-key-4711"
+    server = ServerProcess("--output-dir", str(tmp_path / "out"), "--cache-dir", str(SHARED_CACHE),
+                           "--api-keys", key, "--log-level", "INFO")
+    server.args[2] = "server.testing.serve"  # the same entry over the fake generator
+    with server:
+        models = httpx.get(server.url + f"/v1/models?api_key={key}&x=1", headers=bearer(key), timeout=TIMEOUT)
+
+        async def socket():
+            async with connect(f"{server.ws_url}/api/ws?client_id=logged&api_key={key}", open_timeout=TIMEOUT) as ws:
+                client = WsClient(ws)
+                return (await client.request(type="get_client_jobs"))["type"]
+
+        listed = run(socket())
+        assert wait_until(lambda: server.output().count("api_key=REDACTED") >= 2)
+        log_text = server.output()
+    assert models.status_code == 200 and listed == "client_jobs"
+    assert key not in log_text
+    assert "GET /v1/models?api_key=REDACTED&x=1" in log_text
+    assert "WebSocket /api/ws?client_id=logged&api_key=REDACTED" in log_text
+
+
 # -- path traversal ---------------------------------------------------------------------------------
 
 TRAVERSALS = [
@@ -123,7 +148,7 @@ TRAVERSALS = [
     "%uff0e%uff0e%u2215secret.png", "%EF%BC%8E%EF%BC%8E%EF%BC%8Fsecret.png", "good.png%00.txt", "good.png%00",
     "sub%2Fgood.png", "subdir", "linkdir%2Fgood.png", "escape.png", "dirlink.png", ".tmp-abc.part",
     ".tmp-abc.png", "jobs.sqlite3", "jobs.sqlite3-wal", "jobs.sqlite3-shm", "missing.png", "good.PNG ",
-    "escape.png/", "..%2Fsecret.png/", "good.png%2F..%2F..%2Fsecret.png", "%20good.png",
+    "escape.png/", "..%2Fsecret.png/", "good.png%2F..%2F..%2Fsecret.png", "%20good.png", "inner.png", "alias.png",
 ]
 
 
@@ -133,6 +158,8 @@ def test_image_route_refuses_every_traversal_form(fake_server, tmp_path):
     (outputs / "good.png").write_bytes(b"\x89PNG fine")
     (outputs / "escape.png").symlink_to(tmp_path / "secret.png")
     (outputs / "dirlink.png").symlink_to(tmp_path)
+    (outputs / "inner.png").symlink_to(outputs / "jobs.sqlite3")  # inside the directory, still never served
+    (outputs / "alias.png").symlink_to(outputs / "good.png")
     (outputs / "linkdir").symlink_to(tmp_path)
     (outputs / "subdir").mkdir()
     (outputs / "subdir" / "good.png").write_bytes(b"\x89PNG nested")
