@@ -260,6 +260,7 @@ async def jobs_socket(websocket: WebSocket) -> None:
     session.attach(conn)
     ctx = Context(websocket, session, conn)
     log.info("ws %s: client %s connected", conn.conn_id, session.interest)
+    await follow_unfinished(ctx)
     app.state.metrics.ws_connections.inc()
     try:
         while True:
@@ -272,6 +273,25 @@ async def jobs_socket(websocket: WebSocket) -> None:
         await conn.stop()
         await registry.detach(session, conn, app.state.engine)
         log.info("ws %s: client %s disconnected", conn.conn_id, session.interest)
+
+
+async def follow_unfinished(ctx: Context) -> None:
+    """Follow a named client's unfinished jobs that its session does not follow yet: the server
+    restarted (its jobs were queued again), or the session expired, or (Redis) its last connection
+    was on another API node. It then sees them continue to their final status. Previews are not
+    resumed this way (the wish was per create_job and is not stored): statuses and progress are."""
+    session = ctx.session
+    if session.client_id is None:
+        return
+    try:
+        records = await ctx.engine.client_jobs(session.client_id, session.owner)
+    except Exception:  # the listing is a convenience: the connection works without it
+        log.exception("ws client %s: could not list its jobs to follow them", session.interest)
+        return
+    for record in records:
+        if record.status.is_active and record.job_id not in session.subscriptions:
+            session.follow(ctx.engine.subscribe(record), preview=False)
+            log.info("job %s: ws client %s follows it again", record.job_id[:12], session.interest)
 
 
 def install(app: FastAPI) -> None:

@@ -12,7 +12,6 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from contextlib import asynccontextmanager
 from dataclasses import replace
 
 from server.core import files
@@ -20,6 +19,7 @@ from server.core.errors import JobNotCancellable, JobNotFound, QueueFull, Shutti
 from server.core.events import EventHub, EventKind, JobEvent, Subscriber
 from server.core.generation import Generator, Upscaler
 from server.core.jobs import JobRecord
+from server.core.locks import KeyedLocks
 from server.core.ports import ActiveJob, EngineConfig, Submission
 from server.core.runner import JobRunner, report_finished
 from server.core.spec import JobSpec
@@ -30,31 +30,6 @@ log = logging.getLogger(__name__)
 SHUTDOWN_REASON = FAILURE_MESSAGES[FailureCode.SHUTDOWN]
 
 __all__ = ["ActiveJob", "EngineConfig", "JobEngine", "Submission", "scoped_job_id"]
-
-
-class KeyedLocks:
-    """One asyncio lock per key, dropped when nobody holds or waits for it.
-
-    Counting users (not ``lock.locked()``) matters: between a holder's release and the waiter's
-    wake-up the lock reads unlocked, and deleting it then let a newcomer run beside the waiter."""
-
-    def __init__(self) -> None:
-        self._entries: dict[str, tuple[asyncio.Lock, list[int]]] = {}
-
-    @asynccontextmanager
-    async def hold(self, key: str):
-        lock, users = self._entries.setdefault(key, (asyncio.Lock(), [0]))
-        users[0] += 1
-        try:
-            async with lock:
-                yield
-        finally:
-            users[0] -= 1
-            if users[0] == 0:
-                del self._entries[key]
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
 
 def scoped_job_id(spec: JobSpec, owner: str | None) -> str:
@@ -189,10 +164,8 @@ class JobEngine:
         else:
             record = JobRecord(job_id=job_id, spec=spec, status=JobStatus.PENDING, created_at=now,
                                updated_at=now, owner=owner)
-        self._seq += 1
-        active = ActiveJob(record=record, interests={interest}, enqueued_seq=self._seq)
-        self._active[job_id] = active
-        self._finished.pop(job_id, None)
+        active = ActiveJob(record=record, interests={interest})
+        self._active[job_id] = active  # counted by capacity checks while the record is written
         subscriber = self.hub.subscribe(job_id) if subscribe else None
         try:
             await self.store.put(record)
@@ -204,8 +177,7 @@ class JobEngine:
             raise StorageUnavailable("The server cannot record new jobs right now (its disk may be full); "
                                      "retry later.") from None
         await self._link(active, client_id)
-        active.status_history.append(self._announce(active.record))
-        self._queue.put_nowait(job_id)
+        self._enqueue(active)
         log.info("job %s: queued (%s %dx%d, %d steps, n=%d)", job_id[:12], spec.model, spec.width, spec.height, spec.steps, spec.n)
         return Submission(record, True, subscriber)
 
@@ -228,8 +200,8 @@ class JobEngine:
         record = retry
         active = ActiveJob(record=record, interests={interest})
         subscriber = self.hub.subscribe(record.job_id) if subscribe else None
-        self._enqueue(active)
         await self._link(active, client_id)
+        self._enqueue(active)
         log.info("job %s: upscale retried (attempt %d)", record.job_id[:12], record.attempt)
         return Submission(record, True, subscriber)
 
@@ -297,7 +269,7 @@ class JobEngine:
         return record
 
     async def client_jobs(self, client_id: str, owner: str | None = None) -> list[JobRecord]:
-        records = await self.store.client_jobs(client_id, owner)
+        records = await self.store.client_jobs(client_id)
         fresh = [self._active[r.job_id].record if r.job_id in self._active else r for r in records]
         return [r for r in fresh if owner is None or r.owner == owner]
 

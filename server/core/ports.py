@@ -38,13 +38,15 @@ class EngineConfig:
     preview_max_side: int = 512
     png_compress_level: int = 3
     finished_cache_size: int = 10_000
+    max_restarts: int = 3  # a job running at this many process deaths is not retried (``--max-deliveries``)
 
     @classmethod
     def from_settings(cls, settings, **overrides) -> "EngineConfig":
         """The engine's part of the server settings (``server.config.Settings``)."""
         values = dict(output_dir=settings.output_dir, max_in_flight=settings.max_in_flight,
                       max_queue=settings.max_queue, max_queue_per_client=settings.max_queue_per_client,
-                      preview_max_side=settings.preview_max_side, png_compress_level=settings.png_compress_level)
+                      preview_max_side=settings.preview_max_side, png_compress_level=settings.png_compress_level,
+                      max_restarts=settings.max_deliveries)
         return cls(**{**values, **overrides})
 
 
@@ -68,6 +70,9 @@ class ActiveJob:
     latest_preview: JobEvent | None = None
     status_history: list[JobEvent] = field(default_factory=list)  # replayed to late subscribers
     client_ids: set[str] = field(default_factory=set)
+    # Queued again after a restart: the interests that wanted it died with the old process, so it
+    # is never cancelled for lack of interest, only by an explicit ``cancel``.
+    recovered: bool = False
 
     @property
     def job_id(self) -> str:
@@ -77,6 +82,11 @@ class ActiveJob:
         """Ask the job to stop at its next step boundary (the generator polls the flag)."""
         self.cancel_cause = cause
         self.cancel_flag.set()
+
+    def keep_alive(self) -> None:
+        """A new interest joined: withdraw a pending cancel for lack of interest (not a shutdown's)."""
+        if self.cancel_cause is FailureCode.CANCELLED:
+            self.cancel_flag.clear()
 
 
 class Engine(Protocol):

@@ -47,7 +47,11 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.PROCESSING: frozenset({JobStatus.PENDING, JobStatus.GENERATED, JobStatus.COMPLETED,
                                      JobStatus.CANCELLED, JobStatus.FAILED}),
     JobStatus.GENERATED: frozenset({JobStatus.COMPLETED, JobStatus.FAILED}),
-    JobStatus.COMPLETED: frozenset(),
+    # completed -> generated: an upscale retry, as a new attempt (attempt + 1). A job that completed
+    # without its upscale (``result.upscale_error``: the upscale failed or a restart cut it short)
+    # and is requested again runs the missing upscale; its generated image stays as it is.
+    # Single node only: the Redis backend answers such a repeat from the cache.
+    JobStatus.COMPLETED: frozenset({JobStatus.GENERATED}),
     JobStatus.FAILED: frozenset({JobStatus.PENDING}),  # resubmission
     JobStatus.CANCELLED: frozenset({JobStatus.PENDING}),  # resubmission
 }
@@ -71,7 +75,7 @@ class FailureCode(str, Enum):
 
     CANCELLED = "job_cancelled"  # every interest in the job was withdrawn
     SHUTDOWN = "shutting_down"  # the server stopped before the job could finish
-    INTERRUPTED = "interrupted"  # the process died while the job was unfinished
+    INTERRUPTED = "interrupted"  # the process died while running it, max_restarts times (single node)
     OUT_OF_MEMORY = "out_of_memory"  # the device ran out of memory
     GENERATION_FAILED = "generation_failed"  # the model raised
     STORAGE = "storage_error"  # the image could not be written
@@ -88,14 +92,26 @@ FAILURE_MESSAGES: dict[FailureCode, str] = {
 }
 
 # What a restart does with the jobs a dead process left unfinished (``JobStore.recover_interrupted``):
-# an image the user was told exists is kept (generated -> completed without the upscale); work that
-# had not produced an image is reported as interrupted.
+# nothing accepted is lost. A pending job stays pending and is queued again in its original order; a
+# processing job runs again from the start (processing -> pending, attempt + 1); a generated job
+# keeps its image and gets its upscale run. A job that has now been cut short by ``max_restarts``
+# process deaths (it may be what kills the process) is not retried: ``RECOVERY_EXHAUSTED`` (a
+# generated one completes without its upscale). Pending jobs never ran, so they are never counted.
 RESTART_REASON = FAILURE_MESSAGES[FailureCode.INTERRUPTED]
 RECOVERY: dict[JobStatus, JobStatus] = {
-    JobStatus.PENDING: JobStatus.FAILED,
+    JobStatus.PENDING: JobStatus.PENDING,
+    JobStatus.PROCESSING: JobStatus.PENDING,
+    JobStatus.GENERATED: JobStatus.GENERATED,
+}
+RECOVERY_EXHAUSTED: dict[JobStatus, JobStatus] = {
     JobStatus.PROCESSING: JobStatus.FAILED,
     JobStatus.GENERATED: JobStatus.COMPLETED,
 }
+
+
+def exhausted_reason(restarts: int) -> str:
+    """The message of a job that was not retried after ``restarts`` process deaths."""
+    return f"{RESTART_REASON} {restarts} time{'s' if restarts != 1 else ''}; it is not retried"
 
 
 def lua_set(name: str, statuses) -> str:

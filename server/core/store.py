@@ -13,6 +13,7 @@ import errno
 import logging
 import shutil
 import sqlite3
+from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
@@ -20,7 +21,8 @@ from typing import Protocol
 from server.core.errors import StorageUnavailable
 from server.core.jobs import JobRecord, JobResult
 from server.core.spec import JobSpec
-from server.core.states import RECOVERY, RESTART_REASON, FailureCode, JobStatus
+from server.core.states import (RANK, RECOVERY, RECOVERY_EXHAUSTED, RESTART_REASON, TERMINAL, FailureCode, JobStatus,
+                                exhausted_reason)
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     owner TEXT,
     attempt INTEGER NOT NULL DEFAULT 1,
-    failure TEXT
+    failure TEXT,
+    restarts INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
 CREATE TABLE IF NOT EXISTS client_jobs (
@@ -51,8 +54,8 @@ class JobStore(Protocol):
     async def put(self, record: JobRecord) -> None: ...
     async def get(self, job_id: str) -> JobRecord | None: ...
     async def link_client(self, client_id: str, job_id: str, at: float) -> None: ...
-    async def client_jobs(self, client_id: str, owner: str | None = None, limit: int = 200) -> list[JobRecord]: ...
-    async def recover_interrupted(self) -> list[JobRecord]: ...
+    async def client_jobs(self, client_id: str, limit: int = 200) -> list[JobRecord]: ...
+    async def recover_interrupted(self, max_restarts: int) -> list[JobRecord]: ...
     async def close(self) -> None: ...
 
 
@@ -109,6 +112,8 @@ class SQLiteJobStore:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
         if "failure" not in columns:  # a database from before failure codes
             conn.execute("ALTER TABLE jobs ADD COLUMN failure TEXT")
+        if "restarts" not in columns:  # a database from before restart recovery
+            conn.execute("ALTER TABLE jobs ADD COLUMN restarts INTEGER NOT NULL DEFAULT 0")
         self._conn = conn
 
     async def _run(self, fn, *args):
@@ -124,7 +129,7 @@ class SQLiteJobStore:
             " VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(job_id) DO UPDATE SET spec=excluded.spec,"
             " status=excluded.status, created_at=excluded.created_at, updated_at=excluded.updated_at,"
             " result=excluded.result, error=excluded.error, owner=excluded.owner, attempt=excluded.attempt,"
-            " failure=excluded.failure",
+            " failure=excluded.failure, restarts=" + KEEP_RESTARTS,
             (record.job_id, json.dumps(record.spec.to_dict()), record.status.value, record.created_at,
              record.updated_at, result, record.error, record.owner, record.attempt,
              record.failure.value if record.failure else None),
@@ -141,44 +146,77 @@ class SQLiteJobStore:
         await self._run(lambda: self._conn.execute(
             "INSERT OR IGNORE INTO client_jobs (client_id, job_id, linked_at) VALUES (?,?,?)", (client_id, job_id, at)))
 
-    async def client_jobs(self, client_id: str, owner: str | None = None, limit: int = 200) -> list[JobRecord]:
-        """The newest ``limit`` jobs linked to ``client_id`` and, when given, owned by ``owner``:
-        filtered before the limit, so one key's jobs never push another key's off its list."""
+    async def client_jobs(self, client_id: str, limit: int = 200) -> list[JobRecord]:
         def query() -> list[JobRecord]:
             rows = self._conn.execute(
                 f"SELECT {COLUMNS} FROM client_jobs JOIN jobs USING (job_id) WHERE client_id = ?"
-                " AND (? IS NULL OR owner = ?) ORDER BY client_jobs.linked_at DESC LIMIT ?",
-                (client_id, owner, owner, limit)).fetchall()
+                " ORDER BY client_jobs.linked_at DESC LIMIT ?", (client_id, limit)).fetchall()
             return [_record_from_row(row) for row in rows]
         return await self._run(query)
 
-    async def recover_interrupted(self) -> list[JobRecord]:
-        """At start: jobs a dead process left unfinished, moved by ``states.RECOVERY``. Returns
-        the changed records."""
-        return await self._run(self._recover_sync)
+    async def recover_interrupted(self, max_restarts: int) -> list[JobRecord]:
+        """At start: the jobs a dead process left unfinished, after ``states.RECOVERY``, in the
+        order they are to run again: generated ones (only their upscale is left), then the one that
+        was processing, then pending ones in the order they were queued. A processing or generated
+        job cut short for the ``max_restarts``-th time ends by ``states.RECOVERY_EXHAUSTED``
+        instead (returned too, terminal). Pending jobs are returned unchanged."""
+        return await self._run(self._recover_sync, max_restarts)
 
-    def _recover_sync(self) -> list[JobRecord]:
+    def _recover_sync(self, max_restarts: int) -> list[JobRecord]:
         marks = ",".join("?" * len(RECOVERY))
-        rows = self._conn.execute(f"SELECT {COLUMNS} FROM jobs WHERE status IN ({marks})",
+        rows = self._conn.execute(f"SELECT {COLUMNS}, restarts FROM jobs WHERE status IN ({marks})",
                                   [status.value for status in RECOVERY]).fetchall()
-        changed = []
-        for record in map(_record_from_row, rows):
-            target = RECOVERY[record.status]
-            if target is JobStatus.COMPLETED and record.result is not None:  # the image is kept
-                result = JobResult(images=record.result.images, seeds=record.result.seeds,
-                                   upscale_error=RESTART_REASON, generation_s=record.result.generation_s)
-                record = record.moved_to(JobStatus.COMPLETED, result=result)
-            else:
-                record = record.moved_to(JobStatus.FAILED, error=RESTART_REASON, failure=FailureCode.INTERRUPTED)
-            self._put_sync(record)
-            changed.append(record)
-        return changed
+        # Newest news first (a generated job is furthest along), then queue order: a pending job's
+        # updated_at is when it was queued.
+        rows.sort(key=lambda row: (-RANK[JobStatus(row[2])], row[4]))
+        recovered = []
+        self._conn.execute("BEGIN")  # all or nothing: a death during recovery counts no restart twice
+        try:
+            for row in rows:
+                recovered.append(self._recover_row(row, max_restarts))
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+        return recovered
+
+    def _recover_row(self, row: tuple, max_restarts: int) -> JobRecord:
+        record, restarts = _record_from_row(row[:-1]), row[-1]
+        if record.status is JobStatus.PENDING:
+            return record
+        restarts += 1  # this job was running when the process died
+        record = _recovered(record, restarts, max_restarts)
+        self._put_sync(record)
+        self._conn.execute("UPDATE jobs SET restarts = ? WHERE job_id = ?", (restarts, record.job_id))
+        return record
 
     async def close(self) -> None:
         if self._conn is not None:
             await self._run(self._conn.close)
             self._conn = None
         self._executor.shutdown(wait=True)
+
+
+# A job's count of process deaths it was running at: kept across updates, reset when a finished
+# job starts over (resubmission or upscale retry): the user asked for it again.
+KEEP_RESTARTS = (f"CASE WHEN jobs.status IN ({','.join(repr(s.value) for s in sorted(TERMINAL))}) THEN 0"
+                 " ELSE jobs.restarts END")
+
+
+def _recovered(record: JobRecord, restarts: int, max_restarts: int) -> JobRecord:
+    """A processing or generated job after its ``restarts``-th process death."""
+    if record.status is JobStatus.GENERATED and record.result is None:  # inconsistent: no image to keep
+        return record.moved_to(JobStatus.FAILED, error=f"{RESTART_REASON}; its saved image is missing",
+                               failure=FailureCode.INTERRUPTED)
+    if restarts < max_restarts:
+        if record.status is JobStatus.PROCESSING:
+            return record.moved_to(RECOVERY[record.status], attempt=record.attempt + 1)
+        return record  # generated: its upscale runs again
+    if record.status is JobStatus.GENERATED:
+        return record.moved_to(RECOVERY_EXHAUSTED[record.status],
+                               result=replace(record.result, upscale_error=f"upscaling {exhausted_reason(restarts)}"))
+    return record.moved_to(RECOVERY_EXHAUSTED[record.status], error=exhausted_reason(restarts),
+                           failure=FailureCode.INTERRUPTED)
 
 
 def open_failure(path: Path, exc: BaseException) -> str:

@@ -19,8 +19,10 @@ from server.testing.fakes import FakeGenerator, FakeUpscaler
 def main(argv: list[str] | None = None, generator_class: type[FakeGenerator] = FakeGenerator) -> int:
     parser = argparse.ArgumentParser(prog="python -m server.testing.serve", add_help=False)
     parser.add_argument("--fake-step-s", type=float, default=0.0, help="seconds per denoising step of the fake")
+    parser.add_argument("--fake-upscale-s", type=float, default=0.0, help="seconds per image of the fake upscaler")
     known, rest = parser.parse_known_args(argv)
-    return server_main(rest, generator=generator_class(step_s=known.fake_step_s), upscaler=FakeUpscaler())
+    return server_main(rest, generator=generator_class(step_s=known.fake_step_s),
+                       upscaler=FakeUpscaler(delay_s=known.fake_upscale_s))
 
 
 if __name__ == "__main__":

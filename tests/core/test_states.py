@@ -11,8 +11,9 @@ import pytest
 from server.cluster import scripts
 from server.core.errors import IllegalTransition
 from server.core.jobs import JobRecord
-from server.core.states import (ACTIVE, CANCELLABLE, FAILURE_MESSAGES, RANK, RECOVERY, RESTART_REASON, TERMINAL,
-                                TRANSITIONS, FailureCode, JobStatus, check_transition, lua_set)
+from server.core.states import (ACTIVE, CANCELLABLE, FAILURE_MESSAGES, RANK, RECOVERY, RECOVERY_EXHAUSTED,
+                                RESTART_REASON, TERMINAL, TRANSITIONS, FailureCode, JobStatus, check_transition,
+                                exhausted_reason, lua_set)
 from tests.engine_helpers import spec
 
 S = JobStatus
@@ -30,7 +31,7 @@ def test_the_table_is_exactly_this():
         S.PENDING: {S.PROCESSING, S.CANCELLED, S.FAILED},
         S.PROCESSING: {S.PENDING, S.GENERATED, S.COMPLETED, S.CANCELLED, S.FAILED},
         S.GENERATED: {S.COMPLETED, S.FAILED},
-        S.COMPLETED: set(),
+        S.COMPLETED: {S.GENERATED},  # upscale retry (issue 15)
         S.FAILED: {S.PENDING},
         S.CANCELLED: {S.PENDING},
     }
@@ -65,24 +66,25 @@ def test_reclaim_is_allowed():
     assert S.PENDING in TRANSITIONS[S.PROCESSING]
 
 
-def test_completed_has_no_way_out():
-    assert TRANSITIONS[S.COMPLETED] == frozenset()
-    for new in S:
+def test_completed_only_goes_back_for_its_upscale():
+    assert TRANSITIONS[S.COMPLETED] == {S.GENERATED}
+    for new in set(S) - {S.GENERATED}:
         with pytest.raises(IllegalTransition):
             record(S.COMPLETED).moved_to(new)
 
 
 def test_sets_agree_with_the_table():
     assert TERMINAL == {S.COMPLETED, S.FAILED, S.CANCELLED}
-    # A terminal status leads nowhere but back to pending (resubmission).
+    # A terminal status leads nowhere but back to pending (resubmission) or, for completed, to
+    # generated (an upscale retry).
     for status in TERMINAL:
-        assert TRANSITIONS[status] <= {S.PENDING}
+        assert TRANSITIONS[status] <= {S.PENDING, S.GENERATED}
     # A non-terminal status always has a way forward to a terminal one.
     for status in S:
         if status not in TERMINAL:
             assert TRANSITIONS[status] & TERMINAL
-    # Resubmittable = terminal with a way back; everything but completed.
-    assert {s for s in TERMINAL if TRANSITIONS[s]} == {S.FAILED, S.CANCELLED}
+    # Resubmittable = terminal with a way back to pending; everything but completed.
+    assert {s for s in TERMINAL if S.PENDING in TRANSITIONS[s]} == {S.FAILED, S.CANCELLED}
     assert ACTIVE == (S.PENDING, S.PROCESSING, S.GENERATED)
     assert set(ACTIVE) | TERMINAL == set(S) and not set(ACTIVE) & TERMINAL
     assert CANCELLABLE == {S.PENDING, S.PROCESSING}
@@ -102,16 +104,26 @@ def test_rank_order():
     assert RANK[S.COMPLETED] == RANK[S.FAILED] == RANK[S.CANCELLED] == max(RANK.values())
     assert [s for s in ACTIVE] == sorted(ACTIVE, key=RANK.__getitem__)
     # Within one attempt every forward move goes to a later rank; only the reclaim and resubmission go back.
+    # Each starts a new attempt (attempt + 1), so clients ordering by (attempt, rank) see newer news.
     backward = {(a, b) for a, b in LEGAL if RANK[b] <= RANK[a]}
-    assert backward == {(S.PROCESSING, S.PENDING), (S.FAILED, S.PENDING), (S.CANCELLED, S.PENDING)}
+    assert backward == {(S.PROCESSING, S.PENDING), (S.FAILED, S.PENDING), (S.CANCELLED, S.PENDING),
+                        (S.COMPLETED, S.GENERATED)}
 
 
 def test_recovery_rule():
-    assert RECOVERY == {S.PENDING: S.FAILED, S.PROCESSING: S.FAILED, S.GENERATED: S.COMPLETED}
+    # Nothing accepted is lost: pending stays queued, processing runs again, generated gets its upscale.
+    assert RECOVERY == {S.PENDING: S.PENDING, S.PROCESSING: S.PENDING, S.GENERATED: S.GENERATED}
     assert set(RECOVERY) == set(ACTIVE)
     for source, target in RECOVERY.items():
+        assert target == source or target in TRANSITIONS[source]
+        assert target in ACTIVE
+    # ... unless a job was running at max_restarts process deaths.
+    assert RECOVERY_EXHAUSTED == {S.PROCESSING: S.FAILED, S.GENERATED: S.COMPLETED}
+    for source, target in RECOVERY_EXHAUSTED.items():
         assert target in TRANSITIONS[source] and target in TERMINAL
     assert RESTART_REASON == FAILURE_MESSAGES[FailureCode.INTERRUPTED] == "interrupted by server restart"
+    assert exhausted_reason(1) == "interrupted by server restart 1 time; it is not retried"
+    assert exhausted_reason(3) == "interrupted by server restart 3 times; it is not retried"
 
 
 def test_failure_codes():

@@ -1,5 +1,5 @@
-"""SQLiteJobStore: round trips, upsert, client job lists, restart recovery and the migration of a
-database from before failure codes (issue 12)."""
+"""SQLiteJobStore: round trips, upsert, client job lists, restart recovery (issue 15: queued again,
+bounded by max_restarts) and the migration of a database from before failure codes (issue 12)."""
 
 from __future__ import annotations
 
@@ -117,45 +117,89 @@ def test_client_jobs_newest_first_and_limited(tmp_path):
     run(tmp_path, body)
 
 
-def test_recover_interrupted(tmp_path):
-    pending = make("pending", status=S.PENDING)
-    processing = make("processing", status=S.PROCESSING)
-    generated = make("generated", status=S.GENERATED, result=RESULT)
+def test_recover_interrupted_queues_everything_again(tmp_path):
+    # Queued at 100, 101, 102; the processing job was dequeued first (queued at 90); the generated
+    # one earlier still. Recovery returns them in the order they are to run.
+    pending_late = make("pending late", status=S.PENDING, at=102.0)
+    pending_early = make("pending early", status=S.PENDING, at=100.0)
+    pending_mid = make("pending mid", status=S.PENDING, at=101.0)
+    processing = make("processing", status=S.PROCESSING, at=90.0, attempt=2)
+    generated = make("generated", status=S.GENERATED, result=RESULT, at=80.0)
     completed = make("completed", status=S.COMPLETED, result=RESULT)
     failed = make("failed", status=S.FAILED, error="boom", failure=FailureCode.GENERATION_FAILED)
     cancelled = make("cancelled", status=S.CANCELLED, error="cancelled", failure=FailureCode.CANCELLED)
-    everything = [pending, processing, generated, completed, failed, cancelled]
+    everything = [pending_late, pending_early, pending_mid, processing, generated, completed, failed, cancelled]
 
     async def body(store):
         for record in everything:
             await store.put(record)
-        changed = {r.job_id: r for r in await store.recover_interrupted()}
-        assert set(changed) == {pending.job_id, processing.job_id, generated.job_id}
-        for source in (pending, processing):
-            after = await store.get(source.job_id)
-            assert after == changed[source.job_id]
-            assert after.status is S.FAILED
-            assert after.failure is FailureCode.INTERRUPTED
-            assert after.error == RESTART_REASON
-            assert after.result is None and after.attempt == source.attempt
-        after = await store.get(generated.job_id)
-        assert after == changed[generated.job_id]
-        assert after.status is S.COMPLETED and after.failure is None and after.error is None
-        assert after.result == replace(RESULT, upscale_error=RESTART_REASON)
+        recovered = await store.recover_interrupted(max_restarts=3)
+        assert [r.job_id for r in recovered] == [generated.job_id, processing.job_id, pending_early.job_id,
+                                                 pending_mid.job_id, pending_late.job_id]
+        for record in recovered:
+            assert await store.get(record.job_id) == record, "what is returned is what is stored"
+        by_id = {r.job_id: r for r in recovered}
+        for pending in (pending_early, pending_mid, pending_late):
+            assert by_id[pending.job_id] == pending, "a pending job is queued again unchanged"
+        retried = by_id[processing.job_id]
+        assert (retried.status, retried.attempt, retried.error, retried.failure) == (S.PENDING, 3, None, None)
+        assert by_id[generated.job_id] == generated, "a generated job keeps its image; its upscale runs again"
         for untouched in (completed, failed, cancelled):
             assert await store.get(untouched.job_id) == untouched
-        assert await store.recover_interrupted() == [], "a second pass finds nothing"
+    run(tmp_path, body)
+
+
+def test_a_job_running_at_max_restarts_deaths_is_not_retried(tmp_path):
+    processing = make("crashes the process", status=S.PROCESSING)
+    generated = make("upscale crashes the process", status=S.GENERATED, result=RESULT)
+    waiting = make("waits", status=S.PENDING)
+
+    async def body(store):
+        for record in (processing, generated, waiting):
+            await store.put(record)
+        for death in (1, 2):  # the process dies, restarts, runs the jobs again, dies again
+            recovered = {r.job_id: r for r in await store.recover_interrupted(max_restarts=3)}
+            assert recovered[processing.job_id].status is S.PENDING
+            assert recovered[processing.job_id].attempt == 1 + death
+            assert recovered[generated.job_id].status is S.GENERATED
+            assert recovered[waiting.job_id].status is S.PENDING, "pending jobs never ran: never counted"
+            await store.put(recovered[processing.job_id].moved_to(S.PROCESSING))
+        recovered = {r.job_id: r for r in await store.recover_interrupted(max_restarts=3)}
+        crashed = recovered[processing.job_id]
+        assert (crashed.status, crashed.failure) == (S.FAILED, FailureCode.INTERRUPTED)
+        assert crashed.error == "interrupted by server restart 3 times; it is not retried"
+        kept = recovered[generated.job_id]
+        assert kept.status is S.COMPLETED and kept.failure is None
+        assert kept.result == replace(RESULT, upscale_error="upscaling interrupted by server restart 3 times; "
+                                                            "it is not retried")
+        assert recovered[waiting.job_id].status is S.PENDING
+        assert [r.job_id for r in await store.recover_interrupted(max_restarts=3)] == [waiting.job_id]
+    run(tmp_path, body)
+
+
+def test_resubmission_starts_the_restart_count_again(tmp_path):
+    job = make("crashes once too often", status=S.PROCESSING)
+
+    async def body(store):
+        await store.put(job)
+        [failed] = await store.recover_interrupted(max_restarts=1)
+        assert failed.status is S.FAILED
+        # The user asks again: a fresh count, so one more death is allowed before it fails again.
+        await store.put(failed.moved_to(S.PENDING, attempt=failed.attempt + 1).moved_to(S.PROCESSING))
+        [again] = await store.recover_interrupted(max_restarts=2)
+        assert again.status is S.PENDING
     run(tmp_path, body)
 
 
 def test_recover_generated_without_result_fails(tmp_path):
-    # An inconsistent row (generated, no result) cannot be completed: it is reported as interrupted.
+    # An inconsistent row (generated, no result) cannot be upscaled or completed: reported as interrupted.
     odd = make("odd", status=S.GENERATED)
 
     async def body(store):
         await store.put(odd)
-        [changed] = await store.recover_interrupted()
+        [changed] = await store.recover_interrupted(max_restarts=3)
         assert changed.status is S.FAILED and changed.failure is FailureCode.INTERRUPTED
+        assert changed.error == f"{RESTART_REASON}; its saved image is missing"
     run(tmp_path, body)
 
 
@@ -180,15 +224,15 @@ def test_opens_a_database_from_before_failure_codes(tmp_path):
         old_failed = await store.get(failed.job_id)
         assert old_failed == failed and old_failed.failure is None
         assert [r.job_id for r in await store.client_jobs("c")] == [done.job_id]
-        [recovered] = await store.recover_interrupted()
-        assert recovered.job_id == running.job_id and recovered.failure is FailureCode.INTERRUPTED
-        assert (await store.get(running.job_id)).failure is FailureCode.INTERRUPTED
+        [recovered] = await store.recover_interrupted(max_restarts=3)
+        assert recovered.job_id == running.job_id and recovered.status is S.PENDING
+        assert await store.get(running.job_id) == recovered
         new = make("new", status=S.FAILED, error="oom", failure=FailureCode.OUT_OF_MEMORY)
         await store.put(new)
         assert await store.get(new.job_id) == new
     run(tmp_path, body, path)
     columns = [row[1] for row in sqlite3.connect(path).execute("PRAGMA table_info(jobs)")]
-    assert columns[-1] == "failure"
+    assert columns[-2:] == ["failure", "restarts"]
     assert run(tmp_path, lambda store: store.get(done.job_id), path) == done, "reopening a migrated database"
 
 
