@@ -269,7 +269,7 @@ class JobEngine:
         return record
 
     async def client_jobs(self, client_id: str, owner: str | None = None) -> list[JobRecord]:
-        records = await self.store.client_jobs(client_id)
+        records = await self.store.client_jobs(client_id, owner)
         fresh = [self._active[r.job_id].record if r.job_id in self._active else r for r in records]
         return [r for r in fresh if owner is None or r.owner == owner]
 

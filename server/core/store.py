@@ -54,7 +54,7 @@ class JobStore(Protocol):
     async def put(self, record: JobRecord) -> None: ...
     async def get(self, job_id: str) -> JobRecord | None: ...
     async def link_client(self, client_id: str, job_id: str, at: float) -> None: ...
-    async def client_jobs(self, client_id: str, limit: int = 200) -> list[JobRecord]: ...
+    async def client_jobs(self, client_id: str, owner: str | None = None, limit: int = 200) -> list[JobRecord]: ...
     async def recover_interrupted(self, max_restarts: int) -> list[JobRecord]: ...
     async def close(self) -> None: ...
 
@@ -146,11 +146,14 @@ class SQLiteJobStore:
         await self._run(lambda: self._conn.execute(
             "INSERT OR IGNORE INTO client_jobs (client_id, job_id, linked_at) VALUES (?,?,?)", (client_id, job_id, at)))
 
-    async def client_jobs(self, client_id: str, limit: int = 200) -> list[JobRecord]:
+    async def client_jobs(self, client_id: str, owner: str | None = None, limit: int = 200) -> list[JobRecord]:
+        """The newest ``limit`` jobs linked to ``client_id`` and, when given, owned by ``owner``:
+        filtered before the limit, so one key's jobs never push another key's off its list."""
         def query() -> list[JobRecord]:
             rows = self._conn.execute(
                 f"SELECT {COLUMNS} FROM client_jobs JOIN jobs USING (job_id) WHERE client_id = ?"
-                " ORDER BY client_jobs.linked_at DESC LIMIT ?", (client_id, limit)).fetchall()
+                " AND (? IS NULL OR owner = ?) ORDER BY client_jobs.linked_at DESC LIMIT ?",
+                (client_id, owner, owner, limit)).fetchall()
             return [_record_from_row(row) for row in rows]
         return await self._run(query)
 
