@@ -2,17 +2,14 @@
 
 ``FakeGenerator`` honours the whole generation contract (steps, previews, seeds, cancellation)
 with a fixed time per step, so timing-sensitive behaviour of the job core can be shown without a
-model. Prompts containing ``fail:oom`` or ``fail:error`` raise the matching errors; ``fail:crash``
-kills the whole process (SIGKILL), as a driver crash or the OOM killer would. An edit
+model. Prompts containing ``fail:oom`` or ``fail:error`` raise the matching errors. An edit
 (``request.image_path``) blends the stored input with the seed's colour by ``strength`` and keeps the
 input's pixels outside the mask, as the real inpainting does.
 """
 
 from __future__ import annotations
 
-import os
 import random
-import signal
 import threading
 import time
 
@@ -44,8 +41,6 @@ class FakeGenerator:
                 raise OutOfMemory("out of GPU memory while generating; try a smaller size")
             if "fail:error" in request.prompt:
                 raise GenerationFailed("the generator failed")
-            if "fail:crash" in request.prompt:  # a crash that takes the process down (segfault, OOM killer)
-                os.kill(os.getpid(), signal.SIGKILL)
             return [self._one(request, i, on_step, is_cancelled) for i in range(request.n)]
         finally:
             self.busy_s += time.monotonic() - started
