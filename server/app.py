@@ -75,7 +75,10 @@ async def _worker_metrics(request: Request) -> Response:
 def _add_body_limit(app: FastAPI, settings: Settings) -> None:
     from server.body_limit import BodyLimitMiddleware
 
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    from server.openai_api.edits import UPLOAD_PATHS
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, upload_bytes=settings.max_upload_bytes,
+                       upload_paths=UPLOAD_PATHS)
 
 
 def _add_routes(app: FastAPI) -> None:

@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     # Scale-out (docs/scale-out.md). None: the single-node embedded mode (SQLite + in-process queue).
     backend: str | None = None  # e.g. "redis://127.0.0.1:6379/0" (Redis >= 7.0 or Valkey >= 7.2)
+    max_upload_bytes: int = 26_214_400  # multipart bodies of /v1/images/edits and /variations; larger: 413
+    max_input_pixels: int = 16_777_216  # an edit's input image or mask (4096x4096); checked before decoding
     role: Literal["all", "api", "worker"] = "all"  # with a backend: API node, GPU worker, or both in one process
     node_id: str | None = None  # this process's consumer name in the queue; default: host-pid-random
     reclaim_idle_ms: int = 60_000  # a job whose worker shows no GPU progress this long is taken over

@@ -13,7 +13,6 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import dataclass
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -23,6 +22,7 @@ from starlette.background import BackgroundTask
 
 from server.auth import require_owner
 from server.core.catalog import Catalog, is_dalle_name
+from server.core.profiles import ModelProfile
 from server.config import Settings
 from server.core.errors import InvalidRequest, NotFound
 from server.core.events import Subscriber
@@ -30,7 +30,9 @@ from server.openai_api.errors import document_errors, install_error_handlers
 from server.core.jobs import JobRecord, JobStatus
 from server.openai_api.schemas import (ErrorEnvelope, ImageData, ImageGenerationRequest, ImagesResponse,
                                    ModelList, ModelObject)
-from server.core.spec import JobSpec, Limits, SpecInput, normalize
+from server.core.spec import Limits, SpecInput, normalize
+from server.openai_api.edits import EDITS_PATH, VARIATIONS_PATH, plan_edit
+from server.openai_api.plans import Plan
 from server.openai_api.resume import router as resume_router
 from server.openai_api.serving import ERRORS, final_images, job_failure, usage_for
 from server.streaming import FinalImage, OpenAIDialect, StepDialect, StreamContext, job_events, ping_event
@@ -41,20 +43,6 @@ CLIENT_CLOSED = 499  # nginx's "client closed request": logged only, nobody read
 SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
 SIZE_PARAMS = {"width": "size", "height": "size", "steps": "num_inference_steps"}
 TOO_LARGE = {413: {"model": ErrorEnvelope, "description": "The body is larger than max_body_bytes"}}
-
-
-@dataclass(frozen=True)
-class Plan:
-    """A validated request: the job spec plus how to deliver its images."""
-
-    spec: JobSpec
-    size: str
-    quality: str
-    response_format: str
-    output_format: str
-    compression: int
-    stream: bool
-    partial_images: int | None
 
 
 def plan_request(body: ImageGenerationRequest, catalog: Catalog, settings: Settings) -> Plan:
@@ -103,7 +91,32 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
 async def create_images(body: ImageGenerationRequest, request: Request,
                         owner: str | None = Depends(require_owner)) -> Response:
     state = request.app.state
-    plan = plan_request(body, state.catalog, state.settings)
+    return await serve_plan(request, plan_request(body, state.catalog, state.settings), owner)
+
+
+@router.post(EDITS_PATH.removeprefix("/v1"), response_model=None, summary="Edit an image (OpenAI-compatible)",
+             description="multipart/form-data: `image` (or one `image[]`), optional `mask` (PNG, alpha 0 = edit), "
+                         "`prompt` and the fields of generations plus `input_fidelity` and `strength`; see "
+                         "server.openai_api.edits and ImageEditRequest.",
+             responses={200: {"model": ImagesResponse, "content": {"text/event-stream": {}},
+                              "description": "JSON, or an SSE stream (image_edit.* events) when 'stream' is true"},
+                        **ERRORS, **TOO_LARGE})
+async def edit_images(request: Request, owner: str | None = Depends(require_owner)) -> Response:
+    state = request.app.state
+    return await serve_plan(request, await plan_edit(request, state.catalog, state.settings), owner)
+
+
+@router.post(VARIATIONS_PATH.removeprefix("/v1"), response_model=None, summary="Image variations (legacy)",
+             description="The retired dall-e-2 endpoint, kept for older clients: an edit without a prompt.",
+             responses={200: {"model": ImagesResponse}, **ERRORS, **TOO_LARGE})
+async def create_variation(request: Request, owner: str | None = Depends(require_owner)) -> Response:
+    state = request.app.state
+    return await serve_plan(request, await plan_edit(request, state.catalog, state.settings, variation=True), owner)
+
+
+async def serve_plan(request: Request, plan: Plan, owner: str | None) -> Response:
+    """Submit the plan's job and deliver it: JSON when it ends, or the SSE stream."""
+    state = request.app.state
     interest = f"openai-{uuid.uuid4().hex}"
     submission = await state.engine.submit(plan.spec, interest=interest, owner=owner)
     job_id = submission.record.job_id
@@ -127,7 +140,7 @@ async def create_images(body: ImageGenerationRequest, request: Request,
 @router.get("/models", response_model=ModelList, responses=ERRORS)
 async def list_models(request: Request, owner: str | None = Depends(require_owner)) -> ModelList:
     catalog: Catalog = request.app.state.catalog
-    return ModelList(data=[_model_object(catalog, p.model_id, p.model_id, p.is_demo) for p in catalog.profiles()])
+    return ModelList(data=[_model_object(catalog, p.model_id, p) for p in catalog.profiles()])
 
 
 # ``:path``: SDK 2+/3 percent-encode a '/' in the id, 1.x sends it raw; both must reach this route.
@@ -137,12 +150,14 @@ async def retrieve_model(model_id: str, request: Request, owner: str | None = De
     if not model_id:
         raise NotFound("a model id is required", param="model")
     profile = catalog.resolve(model_id)
-    return _model_object(catalog, model_id, profile.model_id, profile.is_demo)
+    return _model_object(catalog, model_id, profile)
 
 
-def _model_object(catalog: Catalog, model_id: str, root: str, is_demo: bool) -> ModelObject:
-    owner = "t2i-server (random-weight demo)" if is_demo else "t2i-server"
-    return ModelObject(id=model_id, created=catalog.created, owned_by=owner, root=root if root != model_id else None)
+def _model_object(catalog: Catalog, model_id: str, profile: ModelProfile) -> ModelObject:
+    owner = "t2i-server (random-weight demo)" if profile.is_demo else "t2i-server"
+    root = profile.model_id if profile.model_id != model_id else None
+    return ModelObject(id=model_id, created=catalog.created, owned_by=owner, root=root,
+                       supports_edits=profile.supports_edits)
 
 
 # -- delivery -------------------------------------------------------------------------------------
@@ -152,7 +167,7 @@ def stream_response(request: Request, plan: Plan, subscriber: Subscriber, intere
     state = request.app.state
     ctx = StreamContext(job_id=job_id, spec=plan.spec, size=plan.size, quality=plan.quality,
                         output_format=plan.output_format, compression=plan.compression,
-                        usage=usage_for(plan.spec), created_at=int(time.time()))
+                        usage=usage_for(plan.spec), created_at=int(time.time()), family=plan.family)
     dialect = StepDialect(ctx) if plan.partial_images is None else OpenAIDialect(ctx, plan.partial_images)
 
     async def load(record: JobRecord) -> list[FinalImage]:

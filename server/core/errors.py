@@ -2,6 +2,7 @@
 
     ServerError
     ├── InvalidRequest          bad input; carries the offending ``param``
+    ├── PayloadTooLarge         a request body over its limit
     ├── ModelNotFound           a model id that is not served
     ├── ModelLoadError          weights missing or unloadable; carries a one-line remedy
     ├── AuthenticationFailed    missing or wrong API key
@@ -37,6 +38,10 @@ class ServerError(Exception):
 
 class InvalidRequest(ServerError):
     code = "invalid_value"
+
+
+class PayloadTooLarge(ServerError):
+    code = "request_too_large"
 
 
 class ModelNotFound(ServerError):

@@ -38,6 +38,7 @@ class ErrorMapping:
 # Most specific first: the first isinstance match wins (OutOfMemory before GenerationFailed).
 ERROR_MAP: tuple[tuple[type[errors.ServerError], ErrorMapping], ...] = (
     (errors.InvalidRequest, ErrorMapping(400, INVALID)),
+    (errors.PayloadTooLarge, ErrorMapping(413, INVALID)),
     (errors.AuthenticationFailed, ErrorMapping(401, INVALID, {"WWW-Authenticate": "Bearer"})),
     (errors.ModelNotFound, ErrorMapping(404, INVALID)),
     (errors.JobNotFound, ErrorMapping(404, INVALID)),

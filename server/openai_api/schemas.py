@@ -80,6 +80,57 @@ class ImageGenerationRequest(BaseModel):
         return value
 
 
+class ImageEditRequest(BaseModel):
+    """The scalar fields of ``POST /v1/images/edits`` (multipart/form-data, so every value arrives as
+    a string: numbers and booleans are parsed leniently, ``"2"`` is 2 and ``"true"`` is true).
+    The files (``image``/``image[]``, ``mask``) are read by ``server.openai_api.edits``.
+
+    Same meaning as on generations, plus:
+
+    - ``size``: ``auto`` (default) keeps the input's size, rounded to the model's multiple of 16
+      (and scaled into the model's bounds, keeping the aspect ratio); ``WxH`` resizes the input first.
+    - ``input_fidelity``: ``high`` keeps more of the input (strength 0.4; 0.75 with a mask), ``low``
+      lets the prompt change more (0.8; 1.0 with a mask); unset: 0.6, or 1.0 with a mask.
+    - ``strength`` (extension, 0 < strength <= 1) overrides it: the share of the denoising schedule
+      that runs from the noised input; the job runs ``num_inference_steps x strength`` steps.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str | None = Field(None, description="What to change; required on edits, none on variations.")
+    model: str | None = None
+    n: int | None = Field(None, ge=1)
+    size: str | None = None
+    response_format: Literal["b64_json", "url"] | None = None
+    output_format: OutputFormat | None = None
+    output_compression: int | None = Field(None, ge=0, le=100)
+    quality: Quality | None = None
+    background: Literal["transparent", "opaque", "auto"] | None = None
+    input_fidelity: Literal["high", "low"] | None = None
+    safety_identifier: str | None = None
+    user: str | None = None
+    stream: bool | None = None
+    partial_images: int | None = Field(None, ge=0, le=3)
+    # -- extensions ---------------------------------------------------------------------------
+    negative_prompt: str | None = None
+    guidance_scale: float | None = None
+    num_inference_steps: int | None = Field(None, ge=1)
+    seed: int | None = Field(None, ge=0)
+    upscale: bool | None = None
+    model_type: str | None = None
+    strength: float | None = Field(None, gt=0.0, le=1.0)
+
+    @field_validator("output_format", mode="before")
+    @classmethod
+    def _no_animation_or_vector(cls, value: object) -> object:
+        return ImageGenerationRequest._no_animation_or_vector(value)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _blank_is_default(cls, value: object) -> object:
+        return None if value == "" else value  # form clients send empty fields for "not set"
+
+
 class InputTokensDetails(BaseModel):
     text_tokens: int
     image_tokens: int = 0
@@ -120,6 +171,7 @@ class ModelObject(BaseModel):
     created: int
     owned_by: str
     root: str | None = None  # the served model an alias stands for
+    supports_edits: bool = False  # POST /v1/images/edits (img2img, inpainting) works with this model
 
 
 class ModelList(BaseModel):
