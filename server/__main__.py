@@ -90,7 +90,11 @@ def serve(settings: Settings, app) -> int:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             # Twice the protocol's frame limit, so an oversized frame gets an error
                             # frame from the adapter instead of uvicorn's bare close 1009.
-                            ws_max_size=2 * settings.ws_max_frame_bytes, timeout_graceful_shutdown=5)
+                            ws_max_size=2 * settings.ws_max_frame_bytes, timeout_graceful_shutdown=5,
+                            # The client address (per-address queue limits) from X-Forwarded-For
+                            # only when the peer is a listed proxy; uvicorn's default trusts 127.0.0.1.
+                            proxy_headers=bool(settings.forwarded_allow_ips),
+                            forwarded_allow_ips=settings.forwarded_allow_ips or None)
     DrainingServer(config).run()
     return 0
 

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 
 from fastapi import Request
+from starlette.requests import HTTPConnection
 
 from server.config import Settings
 from server.core.errors import AuthenticationFailed
@@ -54,3 +55,9 @@ def bearer_token(authorization: str | None) -> str | None:
 async def require_owner(request: Request) -> str | None:
     """FastAPI dependency: the caller's owner fingerprint (None when keys are off)."""
     return authenticate(request.app.state.settings, bearer_token(request.headers.get("authorization")))
+
+
+def client_host(connection: HTTPConnection) -> str | None:
+    """The client's address (HTTP or WebSocket). uvicorn puts the ``X-Forwarded-For`` address
+    there only when the connecting peer is in ``forwarded_allow_ips`` (a trusted proxy)."""
+    return connection.client.host if connection.client else None

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     # Host header names besides the bound address, localhost, 127.0.0.1, [::1] and public_url's host
     # ("*": any). Other names get 421 / close 4403, so DNS rebinding cannot reach the server.
     allowed_hosts: CommaList = []
+    # Proxies whose X-Forwarded-For gives the client address (for per-address queue limits);
+    # default none: the connecting address is the client ("*": trust any, only behind a proxy).
+    forwarded_allow_ips: CommaList = []
     public_url: str | None = None  # base for absolute image URLs; default: from the request
     shutdown_grace_s: float = 30.0
     sse_ping_s: float = 15.0
@@ -67,7 +70,7 @@ class Settings(BaseSettings):
     event_stream_maxlen: int = 256  # per-job event stream cap (approximate; progress/previews beyond it are trimmed)
 
     @field_validator("extra_models", "model_aliases", "api_keys", "cors_origins", "allowed_hosts",
-                     mode="before")
+                     "forwarded_allow_ips", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):

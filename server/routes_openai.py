@@ -20,12 +20,13 @@ from fastapi.responses import Response
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 
-from server.auth import require_owner
+from server.auth import client_host, require_owner
 from server.core.catalog import Catalog, is_dalle_name
 from server.core.profiles import ModelProfile
 from server.config import Settings
 from server.core.errors import InvalidRequest, NotFound
 from server.core.events import Subscriber
+from server.core.fairness import requester_for
 from server.openai_api.errors import document_errors, install_error_handlers
 from server.core.jobs import JobRecord, JobStatus
 from server.openai_api.schemas import (ErrorEnvelope, ImageData, ImageGenerationRequest, ImagesResponse,
@@ -118,7 +119,8 @@ async def serve_plan(request: Request, plan: Plan, owner: str | None) -> Respons
     """Submit the plan's job and deliver it: JSON when it ends, or the SSE stream."""
     state = request.app.state
     interest = f"openai-{uuid.uuid4().hex}"
-    submission = await state.engine.submit(plan.spec, interest=interest, owner=owner)
+    submission = await state.engine.submit(plan.spec, interest=interest, owner=owner,
+                                           requester=requester_for(owner, client_host(request)))
     job_id = submission.record.job_id
     request.state.job_id = job_id  # for the error handlers' log lines
     if plan.stream:

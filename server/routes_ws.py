@@ -23,9 +23,10 @@ from fastapi import FastAPI, WebSocket
 from pydantic import ValidationError
 
 from server.ws import schemas as wire
-from server.auth import authenticate, bearer_token
+from server.auth import authenticate, bearer_token, client_host
 from server.core.ports import Engine
 from server.core.errors import AuthenticationFailed, InvalidRequest, ServerError
+from server.core.fairness import requester_for
 from server.core.jobs import JobStatus
 from server.core.spec import JobSpec, Limits, SpecInput, normalize
 from server.origins import origin_allowed
@@ -68,6 +69,8 @@ def error_frame(exc: BaseException, request_id: wire.RequestId = None) -> dict[s
         message = wire.ErrorMessage(message=exc.message, code=exc.code, request_id=request_id)
         if exc.param is not None:
             message.param = exc.param
+        if getattr(exc, "retry_after_s", None) is not None:  # a full queue: when to try again
+            message.retry_after_s = exc.retry_after_s
         return wire.dump(message)
     log.error("ws: unexpected %s while handling a message", type(exc).__name__, exc_info=exc)
     return wire.dump(wire.ErrorMessage(message="internal server error", code="internal_error",
@@ -103,7 +106,8 @@ async def create_job(ctx: Context, message: wire.CreateJob) -> None:
     spec = spec_from_message(message, ctx.websocket.app)
     session = ctx.session
     submission = await ctx.engine.submit(spec, interest=session.interest, client_id=session.client_id,
-                                         owner=session.owner, subscribe=True)
+                                         owner=session.owner, subscribe=True,
+                                         requester=requester_for(session.owner, client_host(ctx.websocket)))
     record = submission.record
     ctx.conn.push_status(record, ctx.status(record, message.request_id), reply=True)
     session.follow(submission.subscriber, preview=message.params.preview, request_id=message.request_id)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from redis.exceptions import RedisError, ResponseError
 
 from server.cluster import scripts
+from server.core.fairness import DrainEstimate, queue_full, requester_full
 from server.cluster.codec import GROUP, Keys, client_list_name, client_name, connect, default_node_id, pairs, preview_event, reader_client, record_from_hash
 from server.cluster.streams import FeedReader
 from server.core.engine import scoped_job_id
@@ -79,6 +80,7 @@ class RedisEngine:
         self._accepting = False
         self._pending: dict[str, int] = {}  # stats snapshot: job id -> place in the queue
         self._running = 0
+        self.drain = DrainEstimate()  # seconds per job, from the queue's movement (for Retry-After)
         self._stats_task: asyncio.Task | None = None
         self._last_events: OrderedDict[str, str] = OrderedDict()  # job id -> id of its last status event
 
@@ -110,20 +112,24 @@ class RedisEngine:
     # -- submission --------------------------------------------------------------------------
 
     async def submit(self, spec: JobSpec, *, interest: str, client_id: str | None = None,
-                     owner: str | None = None, subscribe: bool = True) -> Submission:
+                     owner: str | None = None, subscribe: bool = True, requester: str | None = None) -> Submission:
         """As ``JobEngine.submit``; dedup, record, enqueue, first event and the client's job list
         happen in one script, so racing identical submits on any nodes make one job."""
         if not self._accepting:
             raise ShuttingDown("the server is shutting down and accepts no new jobs")
         job_id = scoped_job_id(spec, owner)
         args = [self.options.prefix, GROUP, job_id, repr(time.time()), _spec_json(spec), owner or "", interest,
-                client_list_name(client_id, owner) if client_id else "", self.config.max_queue, self.config.max_queue_per_client, self.options.event_maxlen]
-        code, flat, preview = await self._submit(args=args)
+                client_list_name(client_id, owner) if client_id else "", self.config.max_queue, self.config.max_queue_per_client, self.options.event_maxlen,
+                requester or ""]
+        code, flat, preview, *extra = await self._submit(args=args)
+        limit = self.config.max_queue_per_client
         if code == "full":
-            raise QueueFull(f"the queue is full ({self.config.max_queue} jobs waiting); retry later")
+            raise queue_full(self.config.max_queue, self.drain.retry_after(0))
         if code == "interest_full":
-            raise QueueFull(f"this client already has {self.config.max_queue_per_client} unfinished jobs",
-                            code="client_queue_full")
+            raise QueueFull(f"this client already has {limit} unfinished jobs", code="client_queue_full",
+                            retry_after_s=self.drain.retry_after(len(self._pending)))
+        if code == "requester_full":
+            raise requester_full(limit, self.drain.retry_after(int(extra[0])))
         fields = pairs(flat)
         record = record_from_hash(job_id, fields)
         self._remember(job_id, fields.get("last_event", "0-0"))
@@ -202,6 +208,7 @@ class RedisEngine:
                     pipe.zrange(self.keys.pending, 0, max(0, self.config.max_queue * 4))
                     pipe.scard(self.keys.running)
                     pending, running = await pipe.execute()
+                self.drain.observe_queue(self._pending, pending, time.monotonic())
                 self._pending = {job_id: place for place, job_id in enumerate(pending)}
                 self._running = running
             except RedisError as exc:

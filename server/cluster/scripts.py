@@ -66,8 +66,10 @@ local function finish(id, status, err, failure, now, ttl, maxlen)
 end
 """
 
-# ARGV: P GROUP id now spec owner interest client max_queue max_per_interest maxlen
-# -> {code, hash-as-flat-list, preview-hash-as-flat-list}
+# ARGV: P GROUP id now spec owner interest client max_queue max_per_interest maxlen [requester]
+# -> {code, hash-as-flat-list, preview-hash-as-flat-list[, jobs ahead]}
+# A requester (core.fairness: API key or address) may have max_per_interest unfinished jobs it
+# created, in set rq:{requester}; finished ones are dropped from it lazily, here.
 SUBMIT = COMMON + r"""
 local id, now, interest, client = ARGV[3], ARGV[4], ARGV[7], ARGV[8]
 local key = jk(id)
@@ -89,6 +91,24 @@ if st == 'completed' then
 end
 if redis.call('ZCARD', P .. 'pending') >= tonumber(ARGV[9]) then return {'full', {}, {}} end
 if redis.call('SCARD', P .. 'ia:' .. interest) >= tonumber(ARGV[10]) then return {'interest_full', {}, {}} end
+local rq = (ARGV[12] and ARGV[12] ~= '') and (P .. 'rq:' .. ARGV[12]) or nil
+if rq then
+  local first = nil
+  for _, j in ipairs(redis.call('SMEMBERS', rq)) do
+    local s = redis.call('HGET', jk(j), 'status')
+    if (not s) or is_terminal(s) then redis.call('SREM', rq, j) else
+      local sc = redis.call('ZSCORE', P .. 'pending', j)
+      if sc and ((not first) or tonumber(sc) < first) then first = tonumber(sc) end
+    end
+  end
+  if redis.call('SCARD', rq) >= tonumber(ARGV[10]) then
+    -- jobs that finish before this requester's first one: the running ones, the pending ahead
+    local ahead = redis.call('SCARD', P .. 'running')
+    if first then ahead = ahead + redis.call('ZCOUNT', P .. 'pending', '-inf', '(' .. first) end
+    return {'requester_full', {}, {}, ahead}
+  end
+  redis.call('SADD', rq, id)
+end
 local attempt = 1
 if st then  -- failed or cancelled before: run it again, under the same id
   attempt = tonumber(redis.call('HGET', key, 'attempt') or '1') + 1

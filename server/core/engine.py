@@ -17,6 +17,7 @@ from dataclasses import replace
 from server.core import files
 from server.core.errors import JobNotCancellable, JobNotFound, QueueFull, ShuttingDown, StorageUnavailable
 from server.core.events import EventHub, EventKind, JobEvent, Subscriber
+from server.core.fairness import DrainEstimate, RequesterLedger, queue_full, requester_full
 from server.core.generation import Generator, Upscaler
 from server.core.jobs import JobRecord
 from server.core.locks import KeyedLocks
@@ -56,6 +57,8 @@ class JobEngine:
         self._stopping: asyncio.Future | None = None
         self._workers: list[asyncio.Task] = []
         self._runner = JobRunner(self, generator, upscaler)
+        self.drain = DrainEstimate()  # seconds per job, for Retry-After
+        self._requesters = RequesterLedger()  # who created each unfinished job (core.fairness)
 
     @property
     def runner(self) -> JobRunner:
@@ -133,15 +136,15 @@ class JobEngine:
     # -- submission --------------------------------------------------------------------------
 
     async def submit(self, spec: JobSpec, *, interest: str, client_id: str | None = None,
-                     owner: str | None = None, subscribe: bool = True) -> Submission:
+                     owner: str | None = None, subscribe: bool = True, requester: str | None = None) -> Submission:
         """``Engine.submit``. Submits of one job id are serialized; different ids run freely."""
         if not self._accepting:
             raise ShuttingDown("the server is shutting down and accepts no new jobs")
         job_id = scoped_job_id(spec, owner)
         async with self._submit_locks.hold(job_id):
-            return await self._submit_locked(job_id, spec, interest, client_id, owner, subscribe)
+            return await self._submit_locked(job_id, spec, interest, client_id, owner, subscribe, requester)
 
-    async def _submit_locked(self, job_id, spec, interest, client_id, owner, subscribe) -> Submission:
+    async def _submit_locked(self, job_id, spec, interest, client_id, owner, subscribe, requester) -> Submission:
         active = self._active.get(job_id)
         if active is not None:
             active.interests.add(interest)
@@ -152,12 +155,12 @@ class JobEngine:
             return Submission(active.record, False, self._subscribe(active.record, active) if subscribe else None)
         existing = await self._lookup(job_id)
         if existing is not None and self._upscale_missing(existing):
-            return await self._retry_upscale(existing, interest, client_id, subscribe)
+            return await self._retry_upscale(existing, interest, client_id, subscribe, requester)
         if existing is not None and existing.status is JobStatus.COMPLETED:
             if client_id:
                 await self._link_client(client_id, job_id)
             return Submission(existing, False, self._subscribe(existing, None) if subscribe else None)
-        self._check_capacity(interest)
+        self._check_capacity(interest, requester)
         now = time.time()
         if existing is not None:  # failed or cancelled before: run it again
             record = existing.moved_to(JobStatus.PENDING, error=None, result=None, attempt=existing.attempt + 1)
@@ -166,6 +169,7 @@ class JobEngine:
                                updated_at=now, owner=owner)
         active = ActiveJob(record=record, interests={interest})
         self._active[job_id] = active  # counted by capacity checks while the record is written
+        self._requesters.charge(job_id, requester)
         subscriber = self.hub.subscribe(job_id) if subscribe else None
         try:
             await self.store.put(record)
@@ -186,10 +190,10 @@ class JobEngine:
         return (record.status is JobStatus.COMPLETED and record.spec.upscale and record.result is not None
                 and record.result.upscale_error is not None and self._runner.can_upscale)
 
-    async def _retry_upscale(self, completed: JobRecord, interest, client_id, subscribe) -> Submission:
+    async def _retry_upscale(self, completed: JobRecord, interest, client_id, subscribe, requester) -> Submission:
         """A repeat of a request whose upscale failed or was cut short: run the upscale again
         (completed -> generated, a new attempt); the generated image is kept, not generated again."""
-        self._check_capacity(interest)
+        self._check_capacity(interest, requester)
         retry = completed.moved_to(JobStatus.GENERATED, attempt=completed.attempt + 1,
                                    result=replace(completed.result, upscale_error=None))
         try:
@@ -199,22 +203,30 @@ class JobEngine:
             return Submission(completed, False, self._subscribe(completed, None) if subscribe else None)
         record = retry
         active = ActiveJob(record=record, interests={interest})
+        self._requesters.charge(record.job_id, requester)
         subscriber = self.hub.subscribe(record.job_id) if subscribe else None
         await self._link(active, client_id)
         self._enqueue(active)
         log.info("job %s: upscale retried (attempt %d)", record.job_id[:12], record.attempt)
         return Submission(record, True, subscriber)
 
-    def _check_capacity(self, interest: str) -> None:
-        """Global queue limit, then the per-client one. A client is its interest: a WebSocket
-        client id (scoped by API key) or an anonymous connection's own id, so an anonymous socket
-        cannot flood the queue past the per-client limit; an interest withdrawn by cancel no
-        longer counts. (Each HTTP request is an interest of its own: only the global limit.)"""
-        pending = [a for a in self._active.values() if a.record.status is JobStatus.PENDING]
-        if len(pending) >= self.config.max_queue:
-            raise QueueFull(f"the queue is full ({self.config.max_queue} jobs waiting); retry later")
-        if sum(interest in a.interests for a in self._active.values()) >= self.config.max_queue_per_client:
-            raise QueueFull(f"this client already has {self.config.max_queue_per_client} unfinished jobs", code="client_queue_full")
+    def _check_capacity(self, interest: str, requester: str | None) -> None:
+        """Global queue limit, then the per-client ones: per interest (a WebSocket client id, or an
+        anonymous connection's own id; a withdrawn interest no longer counts) and per requester,
+        who the client is (``core.fairness``: API key, else address), over every job it created.
+        Retry-After: the drain time until a slot is expected to be free."""
+        limit = self.config.max_queue_per_client
+        pending = sum(1 for a in self._active.values() if a.record.status is JobStatus.PENDING)
+        if pending >= self.config.max_queue:
+            raise queue_full(self.config.max_queue, self.drain.retry_after(0))
+        if sum(interest in a.interests for a in self._active.values()) >= limit:
+            raise QueueFull(f"this client already has {limit} unfinished jobs", code="client_queue_full",
+                            retry_after_s=self.drain.retry_after(pending))
+        mine = self._requesters.unfinished(requester, self._active) if requester else ()
+        if len(mine) >= limit:
+            first = min(self._active[job_id].enqueued_seq for job_id in mine)
+            ahead = sum(1 for a in self._active.values() if a.enqueued_seq < first)
+            raise requester_full(limit, self.drain.retry_after(ahead))
 
     async def _link(self, active: ActiveJob, client_id: str | None) -> None:
         if client_id and client_id not in active.client_ids:
@@ -349,6 +361,8 @@ class JobEngine:
         if status is JobStatus.CANCELLED and active.interests and self._accepting:
             return await self._run_again(active)
         self._active.pop(active.job_id, None)
+        if active.started_at:
+            self.drain.observe(time.monotonic() - active.started_at)
         record = await self.move(active, status, **changes)
         active.status_history.clear()
         self._remember(record)

@@ -73,7 +73,14 @@ class JobNotCancellable(ServerError):
 
 
 class QueueFull(ServerError):
+    """``retry_after_s``: when a slot is expected to be free (the queue's drain time), if known."""
+
     code = "queue_full"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after_s: int | None = None):
+        super().__init__(message, param=param, code=code)
+        self.retry_after_s = retry_after_s
 
 
 class ShuttingDown(ServerError):

@@ -104,8 +104,10 @@ class Engine(Protocol):
         """Accept no more work; let running jobs finish within ``grace_s``. Idempotent."""
 
     async def submit(self, spec: JobSpec, *, interest: str, client_id: str | None = None,
-                     owner: str | None = None, subscribe: bool = True) -> Submission:
+                     owner: str | None = None, subscribe: bool = True, requester: str | None = None) -> Submission:
         """Create the job for ``spec`` or join the existing one (same spec and owner = same id).
+        ``requester`` (``core.fairness.requester_for``: API key or address) is charged for a job it
+        creates, up to ``max_queue_per_client`` unfinished ones.
 
         pending/processing/generated: join it (no new work). completed: answered from the cache.
         failed/cancelled: runs again (attempt + 1). Raises ``QueueFull``, ``ShuttingDown``,

@@ -65,6 +65,14 @@ def mapping_for(exc: errors.ServerError) -> ErrorMapping:
     return ErrorMapping(500, SERVER)
 
 
+def headers_for(exc: errors.ServerError, mapping: ErrorMapping) -> dict[str, str] | None:
+    """The mapping's headers; a full queue's ``Retry-After`` is its expected drain time."""
+    retry_after = getattr(exc, "retry_after_s", None)
+    if retry_after is None:
+        return mapping.headers
+    return {**(mapping.headers or {}), "Retry-After": str(retry_after)}
+
+
 class AsciiJSONResponse(JSONResponse):
     """JSON with non-ASCII escaped: an error message may echo client input, and a lone surrogate
     (valid in a JSON string, not encodable as UTF-8) must not turn a 4xx into a crash."""
@@ -85,7 +93,7 @@ def install_error_handlers(app: FastAPI) -> None:
         if mapping.status >= 500:
             log.warning("job %s: %s %s -> %d %s", _job_id(request), request.method, request.url.path,
                         mapping.status, exc.message)
-        return envelope(mapping.status, error_body(exc), mapping.headers)
+        return envelope(mapping.status, error_body(exc), headers_for(exc, mapping))
 
     async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         return envelope(400, validation_body(exc))

@@ -182,6 +182,7 @@ class ErrorMessage(_Message):
     code: str
     request_id: RequestId = None
     param: str | None = None
+    retry_after_s: int | None = None  # queue_full / client_queue_full: the queue's expected drain time
 
 
 def dump(message: _Message) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 import pytest
 
 from server.core.engine import EngineConfig, JobEngine
-from server.core.errors import JobNotCancellable
+from server.core.errors import JobNotCancellable, QueueFull
 from server.core.events import EventKind
 from server.testing.fakes import FakeGenerator, FakeUpscaler
 from server.core.jobs import JobStatus
@@ -166,3 +166,27 @@ def test_client_jobs_filters_by_key_before_its_limit(backend, tmp_path):
     job_b, listed_b, listed_a = asyncio.run(scenario())
     assert listed_b == [job_b]
     assert len(listed_a) == 200 and {r.owner for r in listed_a} == {"aaaa"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_requester_limit_counts_created_jobs_whatever_the_interest(backend, tmp_path):
+    """One requester (an address or API key) may have ``max_queue_per_client`` (4) unfinished jobs
+    it created, under any number of interests/client ids; joining costs nothing; a finished job
+    frees its slot; the refusal says when to retry (issue 16)."""
+    async def scenario():
+        gate = threading.Event()
+        async with engine_for(backend, tmp_path, FakeGenerator(gate=gate)) as engine:
+            mine = [await engine.submit(spec(f"mine {i}"), interest=f"i{i}", client_id=f"c{i}", requester="addr:x",
+                                        subscribe=False) for i in range(4)]
+            with pytest.raises(QueueFull) as refused:
+                await engine.submit(spec("one too many"), interest="i9", client_id="c9", requester="addr:x")
+            joined = await engine.submit(spec("mine 1"), interest="j", requester="addr:x", subscribe=False)
+            elsewhere = await engine.submit(spec("theirs"), interest="t", requester="addr:y", subscribe=False)
+            await engine.cancel(mine[3].record.job_id, "i3")
+            again = await engine.submit(spec("after a cancel"), interest="i5", requester="addr:x", subscribe=False)
+            gate.set()
+            return refused.value, joined, elsewhere, again
+
+    refused, joined, elsewhere, again = asyncio.run(scenario())
+    assert refused.code == "client_queue_full" and refused.retry_after_s >= 1
+    assert not joined.created and elsewhere.created and again.created

@@ -177,8 +177,11 @@ def test_create_job_floods_hit_the_per_client_and_global_limits(tmp_path):
             return codes
 
         async def body():
-            async with ws_client(server) as anonymous, ws_client(server, "named") as named, \
-                    ws_client(server, "third") as third, ws_client(server, "fourth") as fourth:
+            # Four client addresses: the per-client limit is per address (or key) as well.
+            async with ws_client(server, local_addr=("127.0.0.1", 0)) as anonymous, \
+                    ws_client(server, "named", local_addr=("127.0.0.2", 0)) as named, \
+                    ws_client(server, "third", local_addr=("127.0.0.3", 0)) as third, \
+                    ws_client(server, "fourth", local_addr=("127.0.0.4", 0)) as fourth:
                 results = {"anonymous": await flood(anonymous, "anon", 60), "named": await flood(named, "named", 60),
                            "third": await flood(third, "third", 30)}
                 results["fourth"] = await flood(fourth, "fourth", 5)

@@ -123,7 +123,8 @@ def test_jobs_per_client_and_total_queue_limits(tmp_path):
         async def body():
             async with ws_client(server, "greedy") as greedy:
                 own = [await greedy.create(f"mine {i}", upscale=False) for i in range(3)]
-                async with ws_client(server, "other") as other:
+                # Another client address: the per-client limit is per address (or API key) too.
+                async with ws_client(server, "other", local_addr=("127.0.0.2", 0)) as other:
                     others = [await other.create(f"theirs {i}", upscale=False) for i in range(2)]
                     # 2 pending + 1 processing from 'greedy'... the queue holds 3 pending at most
                     http_full = httpx.post(server.url + URL, json={"prompt": "over the top", "size": "64x64"},
@@ -137,5 +138,5 @@ def test_jobs_per_client_and_total_queue_limits(tmp_path):
     assert "2 unfinished jobs" in own[2]["message"]
     assert [m.get("code", m["type"]) for m in others] == ["job_status", "job_status"]
     assert http_full.status_code == 429 and http_full.headers["retry-after"].isdigit()
-    assert http_full.json()["error"]["code"] == "queue_full" and "retry later" in http_full.json()["error"]["message"]
+    assert http_full.json()["error"]["code"] == "queue_full" and "retry in" in http_full.json()["error"]["message"]
     assert extra["code"] in ("queue_full", "client_queue_full")
