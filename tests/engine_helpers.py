@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from pathlib import Path
 
 from server.core.engine import EngineConfig, JobEngine
@@ -42,3 +43,24 @@ async def until_terminal(subscriber, timeout=20.0):
 
 def statuses(events):
     return [e.record.status.value for e in events if e.record is not None]
+
+
+class CancelHeldGenerator(FakeGenerator):
+    """Holds the GPU thread at the moment it has seen the cancel flag, before it stops: the window
+    in which an HTTP retry could join a job that is already stopping."""
+
+    def __init__(self, step_s: float = 0.0):
+        super().__init__(step_s=step_s)
+        self.saw_cancel = threading.Event()
+        self.stop = threading.Event()
+        self.step_gate = threading.Event()
+
+    def generate(self, request, on_step, is_cancelled):
+        def cancelled() -> bool:
+            self.step_gate.wait(30)
+            if is_cancelled():
+                self.saw_cancel.set()
+                self.stop.wait(30)
+                return True
+            return False
+        return super().generate(request, on_step, cancelled)

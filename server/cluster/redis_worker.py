@@ -218,6 +218,9 @@ class RedisWorker:
         code, flag = await self._retry(self._move_script, args=args)
         if code == "fenced":
             self._fence_out(claim, f"at {status.value}: the job is {flag or 'gone'}")
+        elif code == "requeued":  # wanted again while it stopped: queued as a new attempt, not ours now
+            claim.fenced = True
+            log.info("job %s: wanted again while stopping; queued again", active.job_id[:12])
         elif flag == "1":
             active.cancel_flag.set()
         return record
@@ -269,6 +272,8 @@ class RedisWorker:
                 claim.last_beat, claim.beat_steps = time.monotonic(), claim.buffer.steps
             if answer == 1:
                 claim.active.cancel_flag.set()
+            elif answer == 0:  # a new interest withdrew an earlier cancel request (SUBMIT)
+                claim.active.keep_alive()
             elif answer == -1:
                 self._fence_out(claim, "at a step")
 

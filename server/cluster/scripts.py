@@ -3,11 +3,14 @@
 Keys are built inside the scripts from a prefix (ARGV[1]), so the backend targets a standalone
 Redis/Valkey (optionally with replicas), not Redis Cluster. Each script's contract:
 
-- SUBMIT: dedup + record + enqueue + first status event + the client's job list, at once.
+- SUBMIT: dedup + record + enqueue + first status event + the client's job list, at once. A new
+  interest joining a job whose cancel was requested withdraws the request (``cancel`` = 0).
 - CLAIM: a worker took a queue entry: check it is still wanted, count the delivery (ending a job
   that crashed ``max_deliveries`` workers as failed), bump the fence and name the owner.
 - MOVE: a worker-side state change, fenced by (worker, fence): a worker whose job was taken over
-  (or cancelled, or finished by someone else) changes nothing.
+  (or cancelled, or finished by someone else) changes nothing. A worker reporting ``cancelled``
+  for a job that someone wants again (an interest joined after the worker read the cancel flag)
+  requeues it as a new attempt instead.
 - STEP: a worker's coalesced step events (progress, latest preview) + heartbeat (XCLAIM JUSTID),
   fenced the same way; answers whether the job was asked to cancel.
 - CANCEL: withdraw an interest; cancel a pending job at once, ask a running job's owner to stop
@@ -83,6 +86,9 @@ local function link(active)
 end
 if st and not is_terminal(st) then
   link(true)
+  -- Its last interest may have just left (cancel requested, the job still running): whoever
+  -- wants it now keeps it alive. A worker that already stopped it requeues it at MOVE.
+  if redis.call('HGET', key, 'cancel') == '1' then redis.call('HSET', key, 'cancel', '0') end
   return {'joined', redis.call('HGETALL', key), redis.call('HGETALL', P .. 'pv:' .. id)}
 end
 if st == 'completed' then
@@ -154,13 +160,29 @@ return {'run', redis.call('HGETALL', key)}
 """
 
 # ARGV: P GROUP id worker fence status updated_at result error terminal ttl maxlen failure
-# -> {'ok', cancel} | {'fenced', status}
+# -> {'ok', cancel} | {'fenced', status} | {'requeued', '0'}
 MOVE = COMMON + r"""
 local id = ARGV[3]
 local key = jk(id)
 local f = redis.call('HMGET', key, 'worker', 'fence', 'status', 'cancel')
 if f[1] ~= ARGV[4] or f[2] ~= ARGV[5] or (not f[3]) or is_terminal(f[3]) then
   return {'fenced', f[3] or ''}
+end
+if ARGV[6] == 'cancelled' and redis.call('SCARD', P .. 'int:' .. id) > 0 then
+  -- Stopped for lack of interest just as a new interest joined: a fresh attempt instead (the
+  -- reclaim move processing -> pending), under a new queue entry; this worker's run is over.
+  redis.call('XACK', P .. 'queue', GROUP, redis.call('HGET', key, 'msg'))
+  redis.call('XDEL', P .. 'queue', redis.call('HGET', key, 'msg'))
+  local seq = redis.call('INCR', P .. 'seq')
+  local msg = redis.call('XADD', P .. 'queue', '*', 'id', id)
+  local attempt = tonumber(redis.call('HGET', key, 'attempt') or '1') + 1
+  redis.call('HINCRBY', key, 'fence', 1)
+  redis.call('HSET', key, 'status', 'pending', 'updated_at', ARGV[7], 'result', '', 'error', '', 'failure', '',
+    'attempt', attempt, 'deliveries', 0, 'cancel', '0', 'worker', '', 'msg', msg, 'seq', seq)
+  redis.call('SREM', P .. 'running', id)
+  redis.call('ZADD', P .. 'pending', seq, id)
+  emit_status(id, ARGV[12])
+  return {'requeued', '0'}
 end
 redis.call('HSET', key, 'status', ARGV[6], 'updated_at', ARGV[7], 'result', ARGV[8], 'error', ARGV[9],
   'failure', ARGV[13])

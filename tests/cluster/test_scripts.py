@@ -503,6 +503,40 @@ def test_cancel_cancelling_running(lua):
     lua.assert_terminal_cleanup(msg)
 
 
+def test_submit_joining_a_job_being_cancelled_withdraws_the_cancel(lua):
+    # Issue 15: A's interest left (cancel requested), B's identical request joins before the worker
+    # reads the flag: the job goes on for B.
+    msg, fence = lua.running_job()
+    assert lua.cancel(interest="i1")[0] == "cancelling"
+    code, flat, _ = lua.submit(interest="i2", client="c2")
+    assert code == "joined" and pairs(flat)["cancel"] == "0"
+    assert lua.step(fence, msg) == 0, "the worker is told to go on"
+    assert lua.move(fence, JobStatus.COMPLETED, result=json.dumps(RESULT.to_dict())) == ["ok", "0"]
+    assert lua.job()["status"] == "completed"
+
+
+def test_move_cancelled_for_a_job_wanted_again_requeues_it(lua):
+    # The worker had already read the flag and stopped when B joined: a fresh attempt, not a cancel.
+    msg, fence = lua.running_job()
+    assert lua.cancel(interest="i1")[0] == "cancelling"
+    assert lua.step(fence, msg) == 1
+    assert lua.submit(interest="i2", client="c2")[0] == "joined"
+    assert lua.move(fence, JobStatus.CANCELLED, error="cancelled", failure="job_cancelled") == ["requeued", "0"]
+    fields = lua.job()
+    assert {k: fields[k] for k in ("status", "attempt", "cancel", "deliveries", "worker", "error", "failure")} == {
+        "status": "pending", "attempt": "2", "cancel": "0", "deliveries": "0", "worker": "", "error": "",
+        "failure": ""}
+    assert fields["msg"] != msg and lua.pel(msg) is None and lua.r.xrange(lua.keys.queue, msg, msg) == []
+    assert lua.r.zscore(lua.keys.pending, JOB) is not None and not lua.r.sismember(lua.keys.running, JOB)
+    assert lua.r.smembers(f"{PREFIX}int:{JOB}") == {"i2"} and lua.r.ttl(lua.keys.job(JOB)) == -1
+    assert [e["status"] for e in lua.status_events()][-2:] == ["processing", "pending"]
+    assert lua.move(fence, JobStatus.COMPLETED) == ["fenced", "pending"], "the old run is over"
+    new_msg = lua.read("w2")
+    assert new_msg == fields["msg"]
+    code, flat = lua.claim(new_msg, worker="w2")
+    assert code == "run" and pairs(flat)["attempt"] == "2"
+
+
 def test_cancel_cancelled_when_the_owner_looks_dead(lua):
     msg, fence = lua.running_job()
     lua.r.xclaim(lua.keys.queue, GROUP, "w1", 0, [msg], idle=100_000, justid=True)

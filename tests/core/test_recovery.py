@@ -15,7 +15,7 @@ from server.core.engine import EngineConfig, JobEngine
 from server.core.jobs import ImageFile, JobRecord, JobResult, JobStatus
 from server.core.store import SQLiteJobStore
 from server.testing.fakes import FakeGenerator, FakeUpscaler
-from tests.engine_helpers import running_engine, spec, statuses, until_terminal
+from tests.engine_helpers import CancelHeldGenerator, running_engine, spec, statuses, until_terminal
 
 S = JobStatus
 
@@ -125,27 +125,6 @@ def test_without_an_upscaler_a_repeat_is_answered_from_the_cache(tmp_path):
             await engine.stop(2.0)
             await store.close()
     asyncio.run(main())
-
-
-class CancelHeldGenerator(FakeGenerator):
-    """Holds the GPU thread at the moment it has seen the cancel flag, before it stops: the window
-    in which an HTTP retry could join a job that is already stopping."""
-
-    def __init__(self):
-        super().__init__()
-        self.saw_cancel = threading.Event()
-        self.stop = threading.Event()
-        self.step_gate = threading.Event()
-
-    def generate(self, request, on_step, is_cancelled):
-        def cancelled() -> bool:
-            self.step_gate.wait(30)
-            if is_cancelled():
-                self.saw_cancel.set()
-                self.stop.wait(30)
-                return True
-            return False
-        return super().generate(request, on_step, cancelled)
 
 
 async def processing(engine: JobEngine, subscriber) -> None:
