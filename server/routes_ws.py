@@ -28,7 +28,9 @@ from server.core.ports import Engine
 from server.core.errors import AuthenticationFailed, InvalidRequest, ServerError
 from server.core.fairness import requester_for
 from server.core.jobs import JobStatus
+from server.core.inputs import EditInputs, fit_size
 from server.core.spec import JobSpec, Limits, SpecInput, normalize
+from server.ws import edits as ws_edits
 from server.origins import origin_allowed
 from server.ws.sessions import (CLOSE_BAD_REQUEST, CLOSE_FORBIDDEN, CLOSE_TOO_MANY, CLOSE_UNAUTHORIZED,
                                 MAX_CONNECTIONS_PER_CLIENT, Connection, Renderer, Session, SessionRegistry)
@@ -88,14 +90,20 @@ def _invalid_from_validation(exc: ValidationError) -> InvalidRequest:
 
 # -- handlers -------------------------------------------------------------------------------------
 
-def spec_from_message(message: wire.CreateJob, app) -> JobSpec:
-    """The one place a create_job request becomes a ``JobSpec`` (profile defaults filled in)."""
+def spec_from_message(message: wire.CreateJob, app, stored: EditInputs | None = None) -> JobSpec:
+    """The one place a create_job request becomes a ``JobSpec`` (profile defaults filled in);
+    ``stored``: an image_to_image job's inputs (``server.ws.edits.ingest``)."""
     params, settings = message.params, app.state.settings
     profile = app.state.catalog.resolve(params.model)
+    width, height = params.width, params.height
+    if stored is not None and width is None and height is None:
+        width, height = fit_size(stored.width, stored.height, profile)
     given = SpecInput(prompt=params.prompt, model=profile.model_id, model_type=params.model_type,
-                      negative_prompt=params.negative_prompt, width=params.width, height=params.height,
+                      negative_prompt=params.negative_prompt, width=width, height=height,
                       steps=params.steps, guidance_scale=params.guidance_scale, seed=params.seed, n=1,
-                      upscale=params.upscale, task_type=message.task_type)
+                      upscale=params.upscale, task_type=message.task_type,
+                      image_sha=stored.image_sha if stored else None, mask_sha=stored.mask_sha if stored else None,
+                      strength=params.strength)
     limits = Limits(max_prompt_chars=settings.max_prompt_chars, max_n=settings.max_n,
                     preview_method=settings.preview_method, preview_percent=settings.preview_percent)
     return normalize(given, profile, limits)
@@ -103,7 +111,7 @@ def spec_from_message(message: wire.CreateJob, app) -> JobSpec:
 
 async def create_job(ctx: Context, message: wire.CreateJob) -> None:
     """Reply with the job's current status (a duplicate joins the existing job), then follow it."""
-    spec = spec_from_message(message, ctx.websocket.app)
+    spec = spec_from_message(message, ctx.websocket.app, await ws_edits.ingest(message, ctx.settings))
     session = ctx.session
     submission = await ctx.engine.submit(spec, interest=session.interest, client_id=session.client_id,
                                          owner=session.owner, subscribe=True,

@@ -27,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 
 from server.core import files
 from server.core.errors import InvalidRequest
+from server.core.profiles import ModelProfile
 
 INPUTS_DIR = "inputs"
 FORMATS = ("PNG", "JPEG", "WEBP")
@@ -115,11 +116,15 @@ def ingest(output_dir: Path, image: Path | BinaryIO, mask: Path | BinaryIO | Non
     return EditInputs(image_sha=image_sha, width=size[0], height=size[1], mask_sha=mask_sha)
 
 
-def load(output_dir: Path, sha: str, mode: str) -> Image.Image:
-    """A stored input (GPU thread); ``InvalidRequest`` when it is gone (e.g. the directory was cleaned)."""
-    path = input_path(output_dir, sha)
-    try:
-        with Image.open(path) as image:
-            return image.convert(mode)
-    except FileNotFoundError:
-        raise InvalidRequest(f"The input image {sha[:12]} is no longer stored; send it again.", param="image") from None
+def fit_size(width: int, height: int, profile: ModelProfile) -> tuple[int, int]:
+    """An edit's size when none is asked for: the input's, scaled into the model's bounds (aspect
+    kept), then each side rounded to the model's multiple."""
+    scale = min(1.0, profile.max_size / max(width, height))
+    if min(width, height) * scale < profile.min_size:
+        scale = profile.min_size / min(width, height)
+    step = profile.size_multiple
+
+    def fit(side: int) -> int:
+        return min(profile.max_size, max(profile.min_size, round(side * scale / step) * step))
+
+    return fit(width), fit(height)

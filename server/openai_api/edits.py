@@ -123,12 +123,4 @@ def edit_size(size: str | None, width: int, height: int, profile: ModelProfile) 
             raise InvalidRequest(f"size must be 'WIDTHxHEIGHT' (e.g. '512x512') or 'auto', not '{size[:40]}'",
                                  param="size")
         return int(match[1]), int(match[2])
-    scale = min(1.0, profile.max_size / max(width, height))
-    if min(width, height) * scale < profile.min_size:
-        scale = profile.min_size / min(width, height)
-    step = profile.size_multiple
-
-    def fit(side: int) -> int:
-        return min(profile.max_size, max(profile.min_size, round(side * scale / step) * step))
-
-    return fit(width), fit(height)
+    return inputs.fit_size(width, height, profile)

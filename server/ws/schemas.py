@@ -58,6 +58,13 @@ class CreateJobParams(_Message):
     seed: StrictInt | None = PROTOCOL_SEED  # an explicit null asks for a random seed
     upscale: StrictBool = True
     preview: StrictBool = False  # not part of the job: it only says whether this client wants previews
+    # task_type image_to_image (server.ws.edits): the input as base64 or an earlier output's file name,
+    # an optional mask (PNG, alpha 0 = edit) likewise, and the strength (0 < s <= 1; default 0.6, 1.0 with a mask)
+    image: str | None = None
+    image_filename: str | None = None
+    mask: str | None = None
+    mask_filename: str | None = None
+    strength: StrictFloat | StrictInt | None = None
 
 
 class CreateJob(_Message):
