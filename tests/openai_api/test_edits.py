@@ -5,8 +5,14 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import os
+import shutil
 import struct
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -47,7 +53,8 @@ def bomb_png(width: int, height: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    data = chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + data + chunk(b"IEND", b"")
 
 
 @pytest.fixture
@@ -194,3 +201,47 @@ def test_real_tiny_model_inpaints_only_the_mask_and_streams_partials(tiny_server
                                   partial_images=2, extra_body={"seed": 3, "num_inference_steps": 9}))
     assert [e.type for e in events] == EDIT_EVENTS  # 9 steps x 0.6 = 6 steps run, 2 of them partials
     assert decode(events[-1].b64_json).shape == (64, 96, 3)
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_json(command: list[str], env: dict | None = None) -> dict:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env={**os.environ, **(env or {})})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_official_node_sdk_edits(server, tmp_path):
+    sdk_dir = REPO / ".venv" / "node-openai"
+    if shutil.which("node") is None or not (sdk_dir / "node_modules" / "openai").is_dir():
+        pytest.skip("node or the node SDK (scripts/install.sh --test) is not installed")
+    (tmp_path / "in.png").write_bytes(png(noise()))
+    (tmp_path / "mask.png").write_bytes(png(left_half_mask()))
+    seen = run_json(["node", str(REPO / "tests/openai_api/compat/node_edits.mjs"), server.url + "/v1", str(sdk_dir),
+                     str(tmp_path / "in.png"), str(tmp_path / "mask.png")])
+    assert seen["edit"]["size"] == "96x64" and seen["edit"]["b64"] > 0
+    assert seen["stream"] == EDIT_EVENTS
+    assert seen["two"] == {"status": 400, "param": "image"}
+
+
+VARIATION_1X = """
+import io, sys, openai
+from PIL import Image
+buffer = io.BytesIO()
+Image.new("RGB", (64, 64), (200, 10, 10)).save(buffer, "PNG")
+client = openai.OpenAI(base_url=sys.argv[1], api_key="unused", max_retries=0)
+result = client.images.create_variation(image=("in.png", buffer.getvalue(), "image/png"), n=1, size="64x64",
+                                        response_format="b64_json")
+print('{"version": "%s", "b64": %d}' % (openai.__version__, len(result.data[0].b64_json)))
+"""
+
+
+def test_variation_with_the_1x_sdk(server):
+    old_sdk = REPO / ".venv" / "openai-1x"
+    if not (old_sdk / "openai").is_dir():
+        pytest.skip("the 1.x SDK (scripts/install.sh --test) is not installed")
+    seen = run_json([sys.executable, "-c", VARIATION_1X, server.url + "/v1"], env={"PYTHONPATH": str(old_sdk)})
+    assert seen["version"].startswith("1.") and seen["b64"] > 0
+    assert server.generator.calls[-1].prompt == ""
