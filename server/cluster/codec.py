@@ -15,6 +15,10 @@ from server.core.spec import JobSpec
 from server.core.store import parse_failure
 
 GROUP = "workers"
+READ_BLOCK_MS = 5000  # longest XREAD/XREADGROUP BLOCK any reader issues
+# A blocked read's socket must outlast its BLOCK: with redis-py's default (5 s, equal to the block)
+# every idle read timed out, was logged and reconnected (about every 7 s per idle API node).
+READER_SOCKET_TIMEOUT_S = READ_BLOCK_MS / 1000 + 10
 
 
 def connect(url: str, max_connections: int, timeout_s: float = 10.0, name: str | None = None):
@@ -30,11 +34,12 @@ def connect(url: str, max_connections: int, timeout_s: float = 10.0, name: str |
 
 def reader_client(url: str, name: str | None = None):
     """A client with one connection of its own for blocking reads (XREAD BLOCK / XREADGROUP BLOCK):
-    a blocked read must never hold a connection that request handlers wait for."""
+    a blocked read must never hold a connection that request handlers wait for. Reads must block
+    at most ``READ_BLOCK_MS``: the socket timeout is above that."""
     import redis.asyncio as redis
 
     pool = redis.BlockingConnectionPool.from_url(url, max_connections=1, timeout=30, decode_responses=True,
-                                                 client_name=name)
+                                                 client_name=name, socket_timeout=READER_SOCKET_TIMEOUT_S)
     return redis.Redis(connection_pool=pool)
 
 

@@ -7,6 +7,12 @@ job is added, so the blocked read is restarted with the new key), and hands the 
 in-process ``EventHub``, whose ``Subscriber`` queues coalesce progress/previews for slow readers.
 So a slow client never slows the reader, and a node holds one blocked connection, not one per job.
 
+Vanished jobs: a job whose record is gone (Redis restarted without persistence, or flushed) will
+never get another event, so its subscribers would wait forever. After every reconnect, and at
+least every ``VERIFY_S`` seconds, the reader checks that each watched job still exists; for one
+that does not it publishes a final ``failed`` status saying so (failure ``interrupted``), which
+streams turn into their in-band error and WebSocket clients into a failed status.
+
 Positions: a subscriber is attached *after* a stream id (the status event its snapshot came from,
 or the client's Last-Event-ID); events at or before it are dropped, events the node already read
 past it are replayed from a small in-memory ring, so joining never duplicates nor skips events.
@@ -16,17 +22,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from redis.exceptions import ConnectionError as RedisConnectionError, RedisError, TimeoutError as RedisTimeout
 
-from server.cluster.codec import Keys, event_from_entry, id_key
-from server.core.events import EventHub, JobEvent, Subscriber
-from server.core.jobs import JobRecord
+from server.cluster.codec import READ_BLOCK_MS, Keys, event_from_entry, id_key
+from server.core.events import EventHub, EventKind, JobEvent, Subscriber
+from server.core.jobs import JobRecord, JobStatus
+from server.core.states import FailureCode
 
 log = logging.getLogger(__name__)
 RING = 64  # events kept per watched job for subscribers that join behind the reader
+VERIFY_S = 5.0  # longest time between checks that the watched jobs still exist
+VANISHED = ("the job no longer exists: the job store lost it (was Redis restarted without persistence?); "
+            "submit the request again")
 
 
 class PositionedSubscriber(Subscriber):
@@ -116,11 +127,15 @@ class FeedReader:
 
     async def _run(self) -> None:
         backoff = 0.05
+        verified = time.monotonic()
         while True:
             streams = {self._keys.wake(self._node_id): self._wake_cursor}
             streams.update({self._keys.events(job_id): feed.cursor for job_id, feed in self._feeds.items()})
             try:
-                reply = await self._redis.xread(streams, count=256, block=5000)
+                if backoff > 0.05 or time.monotonic() - verified >= VERIFY_S:
+                    await self._end_vanished()
+                    verified = time.monotonic()
+                reply = await self._redis.xread(streams, count=256, block=READ_BLOCK_MS)
                 backoff = 0.05
             except (RedisConnectionError, RedisTimeout, OSError) as exc:
                 log.warning("event reader: redis unavailable (%s); retrying", exc)
@@ -133,6 +148,25 @@ class FeedReader:
                 continue
             for key, entries in reply or []:
                 self._deliver(key, entries)
+
+    async def _end_vanished(self) -> None:
+        """Publish a final ``failed`` status for each watched job whose record no longer exists."""
+        job_ids = list(self._feeds)
+        if not job_ids:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.exists(self._keys.job(job_id))
+            found = await pipe.execute()
+        for job_id, exists in zip(job_ids, found):
+            feed = self._feeds.get(job_id)
+            if exists or feed is None:
+                continue
+            log.warning("job %s: its record is gone from Redis; ending its streams", job_id[:12])
+            del self._feeds[job_id]  # a later submit of the same id is watched anew
+            record = replace(feed.base, status=JobStatus.FAILED, updated_at=time.time(), result=None,
+                             error=VANISHED, failure=FailureCode.INTERRUPTED)
+            self.hub.publish(JobEvent(EventKind.STATUS, job_id, record=record))
 
     def _deliver(self, key: str, entries: list) -> None:
         if key == self._keys.wake(self._node_id):
