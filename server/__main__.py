@@ -87,7 +87,12 @@ def serve(settings: Settings, app) -> int:
                 # by SIGTERM; a drained shutdown is an orderly one and exits 0.
                 self._captured_signals.clear()
 
+    from server.connections import guarded_protocols, raise_nofile_limit
+
+    raise_nofile_limit()  # before the cap is derived from it
+    http_protocol, ws_protocol = guarded_protocols(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                            http=http_protocol, ws=ws_protocol,
                             # Twice the protocol's frame limit, so an oversized frame gets an error
                             # frame from the adapter instead of uvicorn's bare close 1009.
                             ws_max_size=2 * settings.ws_max_frame_bytes, timeout_graceful_shutdown=5,

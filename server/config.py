@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     # Proxies whose X-Forwarded-For gives the client address (for per-address queue limits);
     # default none: the connecting address is the client ("*": trust any, only behind a proxy).
     forwarded_allow_ips: CommaList = []
+    # Connections (server.connections): a whole request within this many seconds, or closed;
+    # open connections (HTTP and WebSocket) in total and per client address, beyond: 503.
+    request_read_timeout_s: float = 15.0
+    max_connections: int = 1000
+    max_connections_per_address: int = 100
     public_url: str | None = None  # base for absolute image URLs; default: from the request
     shutdown_grace_s: float = 30.0
     sse_ping_s: float = 15.0

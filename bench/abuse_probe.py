@@ -1,0 +1,117 @@
+"""Issue 16 probes against a real server process (FakeGenerator), for RELIABILITY.md figures.
+
+    python bench/abuse_probe.py half-open --count 800 --wait 45      # connections left open
+    python bench/abuse_probe.py client-ids --ids 5 --per-id 13       # jobs one address can queue
+    python bench/abuse_probe.py ... --repo /path/to/other/checkout   # the same probe, another version
+
+Loopback only. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PARTIAL = b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(repo: Path, port: int, out: str, *flags: str) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo)}
+    proc = subprocess.Popen([sys.executable, "-m", "server.testing.serve", "--host", "127.0.0.1", "--port", str(port),
+                             "--output-dir", out, "--cache-dir", str(REPO / ".cache"), "--log-level", "WARNING", *flags],
+                            cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("server did not start")
+
+
+def still_open(sock: socket.socket) -> bool:
+    """False once the server closed it (after an answer such as a 408, or none)."""
+    sock.setblocking(False)
+    try:
+        while sock.recv(65536):
+            pass
+        return False  # end of stream
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+def half_open(port: int, count: int, wait: float) -> dict:
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(PARTIAL)
+        socks.append(sock)
+    time.sleep(wait)  # a probe of wall-clock behaviour: the figure *is* what is left after this long
+    left = sum(1 for s in socks if still_open(s))
+    for s in socks:
+        s.close()
+    return {"probe": "half-open", "count": count, "wait_s": wait, "still_open": left}
+
+
+async def client_ids(port: int, ids: int, per_id: int) -> dict:
+    from websockets.asyncio.client import connect
+
+    accepted = refused = 0
+    for i in range(ids):
+        async with connect(f"ws://127.0.0.1:{port}/api/ws?client_id=made-up-{i}") as ws:
+            for j in range(per_id):
+                await ws.send(json.dumps({"type": "create_job", "request_id": j, "params": {
+                    "prompt": f"probe {i} {j}", "width": 64, "height": 64, "steps": 100, "upscale": True}}))
+                while True:
+                    reply = json.loads(await ws.recv())
+                    if reply.get("request_id") == j:
+                        break
+                accepted += reply["type"] == "job_status"
+                refused += reply["type"] == "error"
+    return {"probe": "client-ids", "ids": ids, "per_id": per_id, "accepted": accepted, "refused": refused}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("probe", choices=["half-open", "client-ids"])
+    parser.add_argument("--repo", type=Path, default=REPO)
+    parser.add_argument("--count", type=int, default=800)
+    parser.add_argument("--wait", type=float, default=45.0)
+    parser.add_argument("--ids", type=int, default=5)
+    parser.add_argument("--per-id", type=int, default=13)
+    args = parser.parse_args()
+    port = free_port()
+    with tempfile.TemporaryDirectory() as out:
+        proc = start(args.repo, port, out, "--fake-step-s", "1")
+        try:
+            if args.probe == "half-open":
+                result = half_open(port, args.count, args.wait)
+            else:
+                result = asyncio.run(client_ids(port, args.ids, args.per_id))
+        finally:
+            proc.kill()
+            proc.wait()
+    print(json.dumps({**result, "repo": str(args.repo)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
