@@ -27,11 +27,14 @@ FAILURE_ERRORS: dict[FailureCode, type[ServerError]] = {
 
 
 def usage_for(spec: JobSpec) -> Usage:
-    """Rough, stable accounting: prompt words in, one token per 16x16 patch of every image out."""
+    """Rough, stable accounting: prompt words in, one token per 16x16 patch of every image out;
+    an edit's input image counts as input, one token per 16x16 patch at the job's size."""
     text = len(spec.prompt.split())
-    image = (spec.width // 16) * (spec.height // 16) * spec.n
-    return Usage(input_tokens=text, output_tokens=image, total_tokens=text + image,
-                 input_tokens_details=InputTokensDetails(text_tokens=text, image_tokens=0))
+    patches = (spec.width // 16) * (spec.height // 16)
+    given = patches if spec.image_sha is not None else 0
+    image = patches * spec.n
+    return Usage(input_tokens=text + given, output_tokens=image, total_tokens=text + given + image,
+                 input_tokens_details=InputTokensDetails(text_tokens=text, image_tokens=given))
 
 
 def job_failure(record: JobRecord) -> ServerError:

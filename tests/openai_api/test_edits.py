@@ -68,6 +68,7 @@ def test_img2img_keeps_the_input_size_rounded_to_the_model(server):
                                         extra_body={"seed": 4})
     assert result.size == "96x64"
     assert decode(result.data[0].b64_json).shape == (64, 96, 3)
+    assert result.usage.input_tokens_details.image_tokens == 6 * 4  # the input, in 16x16 patches
     request = server.generator.calls[-1]
     assert request.strength == 0.6 and request.mask_path is None and request.image_path.endswith(".png")
 
@@ -245,3 +246,4 @@ def test_variation_with_the_1x_sdk(server):
     seen = run_json([sys.executable, "-c", VARIATION_1X, server.url + "/v1"], env={"PYTHONPATH": str(old_sdk)})
     assert seen["version"].startswith("1.") and seen["b64"] > 0
     assert server.generator.calls[-1].prompt == ""
+
