@@ -127,3 +127,43 @@ def test_a_job_that_keeps_killing_the_process_ends_failed(tmp_path):
         assert reply["status"] == "failed"
         assert reply["error"] == "interrupted by server restart 2 times; it is not retried"
         assert httpx.get(third.url + "/health").json()["status"] == "ok" and third.proc.poll() is None
+
+
+def test_an_upscale_cut_short_runs_on_a_repeat(tmp_path):
+    """Item 5: a job that completed without its upscale (here: the upscale was cut short by a
+    process death and --max-deliveries 1 allows no retry) gets the upscale when requested again;
+    its image is not generated again."""
+    out = tmp_path / "out"
+    params = {"seed": 9, "steps": 2, "upscale": True}
+
+    async def until_generated(server) -> dict:
+        async with ws_client(server, client_id="bob") as ws:
+            job_id = (await ws.create("upscale cut short", **params))["job_id"]
+            return await ws.until_status(job_id, "generated")
+
+    first = fake_server(out, "--fake-step-s", "0.01", "--fake-upscale-s", "60", "--max-deliveries", "1").start()
+    try:
+        generated = run_async(until_generated(first))  # the upscale now runs for a minute
+        first.proc.kill()
+        first.proc.wait(30)
+    finally:
+        first.stop()
+
+    async def repeat(server) -> tuple[dict, dict, list[dict]]:
+        async with ws_client(server, client_id="bob") as ws:
+            before = await ws.request(type="get_status", job_id=generated["job_id"])
+            reply = await ws.create("upscale cut short", **params)
+            after = await statuses_until(ws, lambda latest: latest.get(reply["job_id"]) == "completed")
+            return before, reply, after
+
+    with fake_server(out, "--fake-step-s", "0.01", "--max-deliveries", "1") as second:
+        before, reply, after = run_async(repeat(second))
+    assert before["status"] == "completed"
+    assert before["result"]["upscale_error"] == "upscaling interrupted by server restart 1 time; it is not retried"
+    assert reply["job_id"] == generated["job_id"] and reply["status"] == "generated"
+    assert {m["status"] for m in after} <= {"generated", "completed"}, "no generation, only the upscale"
+    done = after[-1]["result"]
+    assert done["upscale_error"] is None and (out / done["upscaled_filename"]).is_file()
+    assert done["filename"] == generated["result"]["filename"], "the same image, upscaled"
+    with sqlite3.connect(out / "jobs.sqlite3") as db:
+        assert db.execute("SELECT attempt FROM jobs").fetchall() == [(2,)]
