@@ -109,8 +109,10 @@ class Engine(Protocol):
         ``requester`` (``core.fairness.requester_for``: API key or address) is charged for a job it
         creates, up to ``max_queue_per_client`` unfinished ones.
 
-        pending/processing/generated: join it (no new work). completed: answered from the cache.
-        failed/cancelled: runs again (attempt + 1). Raises ``QueueFull``, ``ShuttingDown``,
+        pending/processing/generated: join it (no new work; a cancel requested for lack of
+        interest is withdrawn). completed: answered from the cache (``JobEngine``: unless its
+        upscale is missing, which then runs as a new attempt). failed/cancelled: runs again
+        (attempt + 1). Raises ``QueueFull``, ``ShuttingDown``,
         ``StorageUnavailable``. The subscriber's first event is the job's current status."""
 
     def subscribe(self, record: JobRecord) -> Subscriber:
