@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request, Response
 from server import __version__
 from server.bootstrap import NO_UPSCALER, Inference, build_catalog, lifespan, resolve_model
 from server.config import Settings
+from server.core.loras import LoraDirectory
 from server.core.generation import Generator
 from server.metrics import Metrics
 from server.origins import add_cors, add_host_check
@@ -30,6 +31,7 @@ def create_app(settings: Settings, generator: Generator | None = None, upscaler=
     app = FastAPI(title="t2i-server", version=__version__,
                   lifespan=lifespan(settings, catalog, metrics, generator, upscaler))
     app.state.settings, app.state.catalog, app.state.metrics = settings, catalog, metrics
+    app.state.loras = LoraDirectory(settings.lora_dir)  # what requests may name (GET /v1/loras)
     _add_body_limit(app, settings)
     add_cors(app, settings)  # outside the body limit, so even a 413 carries the CORS headers
     add_host_check(app, settings)  # outermost: a request for a foreign Host name reaches nothing

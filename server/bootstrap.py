@@ -51,9 +51,13 @@ def cuda_available() -> bool:
 
 
 def default_generator(settings: Settings) -> Generator:
+    from server.core.loras import LoraDirectory
+    from server.inference.loras import Adapters
     from server.model import DiffusersGenerator
 
-    return DiffusersGenerator(settings.cache_dir, device=settings.device, max_resident=settings.max_resident_models)
+    adapters = Adapters(LoraDirectory(settings.lora_dir), settings.max_loaded_loras, settings.max_loaded_lora_bytes)
+    return DiffusersGenerator(settings.cache_dir, device=settings.device, max_resident=settings.max_resident_models,
+                              adapters=adapters)
 
 
 def default_upscaler(settings: Settings) -> Upscaler:

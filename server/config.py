@@ -61,6 +61,13 @@ class Settings(BaseSettings):
     ws_max_frame_bytes: int = 1_048_576
     max_body_bytes: int = 1_048_576  # HTTP request bodies; larger ones get 413
     log_level: str = "INFO"
+    # LoRA adapters (README "LoRA adapters"): *.safetensors files in this directory, by file name;
+    # None: the feature is off. Per request up to max_loras; loaded adapters are kept (least recently
+    # used dropped first) up to max_loaded_loras files and max_loaded_lora_bytes of files per model.
+    lora_dir: Path | None = None
+    max_loras: int = 4
+    max_loaded_loras: int = 8
+    max_loaded_lora_bytes: int = 2_147_483_648
     # Scale-out (docs/scale-out.md). None: the single-node embedded mode (SQLite + in-process queue).
     backend: str | None = None  # e.g. "redis://127.0.0.1:6379/0" (Redis >= 7.0 or Valkey >= 7.2)
     max_upload_bytes: int = 26_214_400  # multipart bodies of /v1/images/edits and /variations; larger: 413

@@ -24,6 +24,7 @@ from server.core.errors import GenerationFailed, InvalidRequest, JobCancelled, M
 from server.core.generation import CancelCheck, GenerationRequest, StepCallback, StepUpdate
 from server.core.profiles import ModelProfile, get_profile
 from server.inference import edits
+from server.inference.loras import Adapters
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -97,11 +98,11 @@ class DiffusersGenerator:
     ``device`` None picks "cuda" when available, else "cpu"; the dtype is bfloat16 on CUDA and
     float32 on CPU. At most ``max_resident`` pipelines stay loaded (least recently used goes
     first). ``use_quantized_matmul`` turns on SDNQ's quantized matmul for quantized components on
-    CUDA.
+    CUDA. ``adapters`` holds LoRA adapters per resident pipeline (``server.inference.loras``).
     """
 
     def __init__(self, cache_dir: pathlib.Path, device: str | None = None, max_resident: int = 1,
-                 use_quantized_matmul: bool = True):
+                 use_quantized_matmul: bool = True, adapters: Adapters | None = None):
         self.cache_dir = pathlib.Path(cache_dir)
         self._requested_device = device
         self._device: str | None = None
@@ -111,6 +112,7 @@ class DiffusersGenerator:
         self._edit_pipes: dict[tuple[str, str, str], Any] = {}  # (model, variant, class) -> from_pipe view
         self._state_lock = threading.Lock()  # guards _pipes and _device
         self._load_lock = threading.RLock()  # serializes loads and evictions
+        self.adapters = adapters if adapters is not None else Adapters()
 
     def adopt_pipeline(self, model: str, variant: str, pipe: Any) -> None:
         """Serve an already built pipeline as ``model``/``variant`` (benchmarks with random weights)."""
@@ -143,6 +145,8 @@ class DiffusersGenerator:
         if request.is_edit and not profile.supports_edits:
             raise InvalidRequest(f"The model '{profile.model_id}' cannot edit images.", param="model")
         pipe = self._ensure_loaded(profile, variant)
+        # Before anything else runs: exactly this job's adapters, or none (nothing of the last job's).
+        self.adapters.activate((profile.model_id, variant), pipe, request.loras)
         edit = None
         if request.is_edit:
             edit = edits.load_inputs(request)
@@ -165,6 +169,8 @@ class DiffusersGenerator:
         """Drop every resident pipeline and free cached device memory."""
         with self._load_lock:
             with self._state_lock:
+                for key in list(self._pipes):
+                    self.adapters.forget(key)
                 self._pipes.clear()
                 self._edit_pipes.clear()
             self._free_memory()
@@ -256,6 +262,7 @@ class DiffusersGenerator:
         with self._state_lock:
             while len(self._pipes) >= self.max_resident:
                 (model, variant), _ = self._pipes.popitem(last=False)
+                self.adapters.forget((model, variant))
                 for key in [k for k in self._edit_pipes if k[:2] == (model, variant)]:
                     del self._edit_pipes[key]  # they share the evicted weights
                 logger.info("unloading %s (%s)", model, variant)

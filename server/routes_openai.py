@@ -13,6 +13,7 @@ import logging
 import re
 import time
 import uuid
+from dataclasses import replace
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -27,12 +28,14 @@ from server.config import Settings
 from server.core.errors import InvalidRequest, NotFound
 from server.core.events import Subscriber
 from server.core.fairness import requester_for
+from server.core.loras import resolve_async
 from server.openai_api.errors import document_errors, install_error_handlers
 from server.core.jobs import JobRecord, JobStatus
 from server.openai_api.schemas import (ErrorEnvelope, ImageData, ImageGenerationRequest, ImagesResponse,
                                    ModelList, ModelObject)
 from server.core.spec import Limits, SpecInput, normalize
 from server.openai_api.edits import EDITS_PATH, VARIATIONS_PATH, plan_edit
+from server.openai_api.loras import router as loras_router
 from server.openai_api.plans import Plan
 from server.openai_api.resume import router as resume_router
 from server.openai_api.serving import ERRORS, final_images, job_failure, usage_for
@@ -92,7 +95,10 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
 async def create_images(body: ImageGenerationRequest, request: Request,
                         owner: str | None = Depends(require_owner)) -> Response:
     state = request.app.state
-    return await serve_plan(request, plan_request(body, state.catalog, state.settings), owner)
+    plan = plan_request(body, state.catalog, state.settings)
+    profile = state.catalog.resolve(plan.spec.model)
+    loras = await resolve_async(state.loras, body.loras, profile, plan.spec.model_type, state.settings.max_loras)
+    return await serve_plan(request, replace(plan, spec=replace(plan.spec, loras=loras)), owner)
 
 
 @router.post(EDITS_PATH.removeprefix("/v1"), response_model=None, summary="Edit an image (OpenAI-compatible)",
@@ -258,3 +264,4 @@ def install(app: FastAPI) -> None:
     document_errors(app)
     app.include_router(router)
     app.include_router(resume_router)
+    app.include_router(loras_router)

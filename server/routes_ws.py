@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable
 
 from fastapi import FastAPI, WebSocket
@@ -29,6 +29,8 @@ from server.core.errors import AuthenticationFailed, InvalidRequest, ServerError
 from server.core.fairness import requester_for
 from server.core.jobs import JobStatus
 from server.core.inputs import EditInputs, fit_size
+from server.core.loras import resolve_async
+from server.core.profiles import get_profile
 from server.core.spec import JobSpec, Limits, SpecInput, normalize
 from server.ws import edits as ws_edits
 from server.origins import origin_allowed
@@ -112,6 +114,9 @@ def spec_from_message(message: wire.CreateJob, app, stored: EditInputs | None = 
 async def create_job(ctx: Context, message: wire.CreateJob) -> None:
     """Reply with the job's current status (a duplicate joins the existing job), then follow it."""
     spec = spec_from_message(message, ctx.websocket.app, await ws_edits.ingest(message, ctx.settings))
+    loras = await resolve_async(ctx.websocket.app.state.loras, message.params.loras,
+                                get_profile(spec.model), spec.model_type, ctx.settings.max_loras)
+    spec = replace(spec, loras=loras)
     session = ctx.session
     submission = await ctx.engine.submit(spec, interest=session.interest, client_id=session.client_id,
                                          owner=session.owner, subscribe=True,

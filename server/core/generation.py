@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Callable, Protocol
 if TYPE_CHECKING:
     from PIL.Image import Image
 
+    from server.core.loras import LoraRef
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -37,6 +39,8 @@ class GenerationRequest:
     image_path: str | None = None
     mask_path: str | None = None
     strength: float | None = None
+    # LoRA adapters to activate for this job (exactly these; none: adapters disabled)
+    loras: "tuple[LoraRef, ...]" = ()
 
     @property
     def is_edit(self) -> bool:

@@ -25,6 +25,11 @@ class ModelProfile:
     supports_negative_prompt: bool = False
     is_demo: bool = False  # random weights: say so loudly wherever the model is listed
     description: str = ""
+    # LoRA adapters: the attention query projection's input width (an adapter's lora_A of ``to_q``
+    # must match it; None: not checked), and variants that cannot take adapters (none today: PEFT
+    # wraps SDNQ's quantized linear layers unfused, see README "LoRA adapters").
+    lora_width: int | None = None
+    no_lora_variants: tuple[str, ...] = ()
     variants: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -34,6 +39,10 @@ class ModelProfile:
     def supports_edits(self) -> bool:
         """img2img and inpainting: diffusers has them for Z-Image, not for CogView4."""
         return self.pipeline_class == "ZImagePipeline"
+
+    def supports_loras(self, variant: str | None) -> bool:
+        """Both pipelines have diffusers' LoRA loader mixin (ZImage..., CogView4LoraLoaderMixin)."""
+        return self.pipeline_class in ("ZImagePipeline", "CogView4Pipeline") and variant not in self.no_lora_variants
 
 
 PROFILES: dict[str, ModelProfile] = {
@@ -49,6 +58,7 @@ PROFILES: dict[str, ModelProfile] = {
             default_variant="uint4",
             default_steps=9,
             default_guidance=0.0,
+            lora_width=3840,
             description="Z-Image-Turbo, SDNQ-quantized",
         ),
         ModelProfile(
@@ -59,6 +69,7 @@ PROFILES: dict[str, ModelProfile] = {
             default_steps=50,
             default_guidance=5.0,
             supports_negative_prompt=True,
+            lora_width=4096,
             description="CogView4-6B in bf16",
         ),
         ModelProfile(
@@ -72,6 +83,7 @@ PROFILES: dict[str, ModelProfile] = {
             min_size=64,
             max_size=1024,
             is_demo=True,
+            lora_width=64,
             description="random-weight demo model (ZImagePipeline); images are noise-like",
         ),
         ModelProfile(
@@ -86,6 +98,7 @@ PROFILES: dict[str, ModelProfile] = {
             max_size=1024,
             supports_negative_prompt=True,
             is_demo=True,
+            lora_width=32,
             description="random-weight demo model (CogView4Pipeline); images are noise-like",
         ),
     )

@@ -16,6 +16,7 @@ from pathlib import Path
 from server.core import inputs
 from server.core.errors import InvalidRequest
 from server.core.generation import GenerationRequest, preview_interval_for, steps_run
+from server.core.loras import LoraRef
 from server.core.profiles import ModelProfile
 
 TASK_TEXT_TO_IMAGE = "text_to_image"
@@ -24,6 +25,8 @@ TASK_TYPES = (TASK_TEXT_TO_IMAGE, TASK_IMAGE_TO_IMAGE)
 MAX_SEED = 2**63 - 1
 # Edit-only fields: left out of the hash while unset, so text-to-image job ids stay what they were.
 EDIT_FIELDS = ("image_sha", "mask_sha", "strength")
+# Likewise LoRA adapters: left out while empty, so jobs without adapters keep their ids.
+OPTIONAL_EMPTY_FIELDS = ("loras",)
 # The strength an edit gets when it names none (documented in README "Image edits"): OpenAI's
 # ``input_fidelity`` high keeps more of the input (less noise), low lets the prompt change more.
 # Without a mask (img2img) diffusers' own default is 0.6; with one (inpaint) 1.0 repaints the
@@ -55,6 +58,8 @@ class SpecInput:
     mask_sha: str | None = None
     strength: float | None = None
     input_fidelity: str | None = None  # "high" | "low": picks the default strength
+    # LoRA adapters, already checked and pinned to their file hashes (``LoraDirectory.resolve``)
+    loras: tuple[LoraRef, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -78,10 +83,12 @@ class JobSpec:
     image_sha: str | None = None  # image_to_image: the input's pixel hash (server.core.inputs)
     mask_sha: str | None = None  # ... and the converted mask's (white = repaint); None: img2img
     strength: float | None = None
+    loras: tuple[LoraRef, ...] = ()  # name, content sha256 and weight of each adapter, in request order
 
     @property
     def job_id(self) -> str:
-        fields = {k: v for k, v in asdict(self).items() if not (k in EDIT_FIELDS and v is None)}
+        fields = {k: v for k, v in asdict(self).items()
+                  if not (k in EDIT_FIELDS and v is None) and not (k in OPTIONAL_EMPTY_FIELDS and not v)}
         canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -95,7 +102,8 @@ class JobSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> "JobSpec":
-        return cls(**data)
+        loras = tuple(LoraRef(**item) for item in data.get("loras") or ())
+        return cls(**{**data, "loras": loras})
 
     def generation_request(self, preview_max_side: int, output_dir: Path | None = None) -> GenerationRequest:
         """The generator's request; an edit's inputs are read from ``output_dir`` (where the adapter
@@ -110,6 +118,7 @@ class JobSpec:
             steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed, n=self.n,
             preview_method=self.preview_method, preview_interval=self.preview_interval,
             preview_max_side=preview_max_side, image_path=image_path, mask_path=mask_path, strength=self.strength,
+            loras=self.loras,
         )
 
 
@@ -159,6 +168,7 @@ def normalize(given: SpecInput, profile: ModelProfile, limits: Limits) -> JobSpe
         preview_method=limits.preview_method,
         preview_interval=preview_interval_for(steps_run(steps, strength), limits.preview_percent),
         image_sha=given.image_sha if edit else None, mask_sha=given.mask_sha if edit else None, strength=strength,
+        loras=tuple(given.loras),
     )
 
 

@@ -28,6 +28,7 @@ from server.config import Settings
 from server.core import inputs
 from server.core.catalog import Catalog, is_dalle_name
 from server.core.errors import InvalidRequest
+from server.core.loras import resolve_async
 from server.core.profiles import ModelProfile
 from server.core.spec import TASK_IMAGE_TO_IMAGE, SpecInput
 from server.openai_api.plans import Plan, normalize_wire
@@ -54,6 +55,7 @@ async def plan_edit(request: Request, catalog: Catalog, settings: Settings, vari
             raise InvalidRequest("Transparent backgrounds are not supported; use 'opaque' or 'auto'.",
                                  param="background")
         profile = _edit_profile(catalog, body.model)
+        loras = await resolve_async(request.app.state.loras, body.loras, profile, body.model_type, settings.max_loras)
         stored = await asyncio.to_thread(inputs.ingest, settings.output_dir, image.file,
                                          mask.file if mask is not None else None, settings.max_input_pixels)
     finally:
@@ -64,7 +66,7 @@ async def plan_edit(request: Request, catalog: Catalog, settings: Settings, vari
                       steps=body.num_inference_steps, guidance_scale=body.guidance_scale, seed=body.seed,
                       n=1 if body.n is None else body.n, upscale=bool(body.upscale), task_type=TASK_IMAGE_TO_IMAGE,
                       image_sha=stored.image_sha, mask_sha=stored.mask_sha, strength=body.strength,
-                      input_fidelity=body.input_fidelity)
+                      input_fidelity=body.input_fidelity, loras=loras)
     spec = normalize_wire(given, profile, settings)
     response_format = body.response_format or ("url" if is_dalle_name(body.model) else "b64_json")
     return Plan(spec=spec, size=f"{spec.width}x{spec.height}", quality=body.quality or "auto",

@@ -7,12 +7,33 @@ dataclasses; nothing past the adapter sees pydantic.
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
 
 Quality = Literal["auto", "low", "medium", "high", "xhigh", "max", "standard", "hd"]
 OutputFormat = Literal["png", "jpeg", "webp"]
+
+
+class LoraParam(BaseModel):
+    """One LoRA adapter of a request: a name from ``GET /v1/loras`` and a weight (-2 to 2, default 1;
+    0 is the model without it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(max_length=200)
+    weight: StrictFloat | StrictInt = 1.0
+
+
+def parse_loras(value: object) -> object:
+    """Multipart forms carry ``loras`` as JSON text: ``[{"name": "a", "weight": 0.8}]``."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise ValueError('loras must be a JSON list such as [{"name": "style", "weight": 0.8}]') from None
+    return value
 
 
 class ImageGenerationRequest(BaseModel):
@@ -70,6 +91,7 @@ class ImageGenerationRequest(BaseModel):
     seed: StrictInt | None = Field(None, ge=0, description="Fixes the images; equal requests are one cached job.")
     upscale: StrictBool | None = Field(None, description="Also produce the Real-ESRGAN x4 image.")
     model_type: str | None = Field(None, description="Weight variant, e.g. uint4 or int8 for z-image-turbo.")
+    loras: list[LoraParam] | None = Field(None, description="LoRA adapters (GET /v1/loras) and their weights.")
 
     @field_validator("output_format", mode="before")
     @classmethod
@@ -119,6 +141,12 @@ class ImageEditRequest(BaseModel):
     upscale: bool | None = None
     model_type: str | None = None
     strength: float | None = Field(None, gt=0.0, le=1.0)
+    loras: list[LoraParam] | None = Field(None, description='JSON text: [{"name": "style", "weight": 0.8}]')
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _loras_json(cls, value: object) -> object:
+        return parse_loras(value)
 
     @field_validator("output_format", mode="before")
     @classmethod
@@ -177,6 +205,23 @@ class ModelObject(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelObject]
+
+
+class LoraObject(BaseModel):
+    """One adapter of ``GET /v1/loras``: ``models`` are the served models its keys fit;
+    ``loaded``: resident in a pipeline of this process (always false on an API node)."""
+
+    name: str
+    object: Literal["lora"] = "lora"
+    size: int
+    sha256: str
+    models: list[str]
+    loaded: bool
+
+
+class LoraList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[LoraObject]
 
 
 class ErrorBody(BaseModel):

@@ -43,6 +43,11 @@ def _constant_fields(model: type[BaseModel]) -> tuple[str, ...]:
 
 # -- client messages ----------------------------------------------------------------------------
 
+class LoraParam(_Message):
+    name: str = Field(max_length=200)
+    weight: StrictFloat | StrictInt = 1.0
+
+
 class CreateJobParams(_Message):
     """``None`` means 'the model's default' (size, steps, guidance, variant come from its profile)."""
 
@@ -65,6 +70,7 @@ class CreateJobParams(_Message):
     mask: str | None = None
     mask_filename: str | None = None
     strength: StrictFloat | StrictInt | None = None
+    loras: list[LoraParam] | None = None  # [{"name", "weight"}]: adapters of GET /v1/loras, weight -2..2
 
 
 class CreateJob(_Message):
