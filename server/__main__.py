@@ -87,21 +87,27 @@ def serve(settings: Settings, app) -> int:
                 # by SIGTERM; a drained shutdown is an orderly one and exits 0.
                 self._captured_signals.clear()
 
+    DrainingServer(uvicorn_config(settings, app)).run()
+    return 0
+
+
+def uvicorn_config(settings: Settings, app):
+    """uvicorn's settings: our connection limits (``server.connections``), proxies, frame size."""
+    import uvicorn
+
     from server.connections import guarded_protocols, raise_nofile_limit
 
     raise_nofile_limit()  # before the cap is derived from it
     http_protocol, ws_protocol = guarded_protocols(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                            http=http_protocol, ws=ws_protocol,
-                            # Twice the protocol's frame limit, so an oversized frame gets an error
-                            # frame from the adapter instead of uvicorn's bare close 1009.
-                            ws_max_size=2 * settings.ws_max_frame_bytes, timeout_graceful_shutdown=5,
-                            # The client address (per-address queue limits) from X-Forwarded-For
-                            # only when the peer is a listed proxy; uvicorn's default trusts 127.0.0.1.
-                            proxy_headers=bool(settings.forwarded_allow_ips),
-                            forwarded_allow_ips=settings.forwarded_allow_ips or None)
-    DrainingServer(config).run()
-    return 0
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                          http=http_protocol, ws=ws_protocol,
+                          # Twice the protocol's frame limit, so an oversized frame gets an error
+                          # frame from the adapter instead of uvicorn's bare close 1009.
+                          ws_max_size=2 * settings.ws_max_frame_bytes, timeout_graceful_shutdown=5,
+                          # The client address (per-address queue limits) from X-Forwarded-For
+                          # only when the peer is a listed proxy; uvicorn's default trusts 127.0.0.1.
+                          proxy_headers=bool(settings.forwarded_allow_ips),
+                          forwarded_allow_ips=settings.forwarded_allow_ips or None)
 
 
 if __name__ == "__main__":

@@ -67,81 +67,89 @@ def refusal_bytes(reason: str) -> bytes:
 REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 
 
+class HTTPGuard:
+    """Mixed into uvicorn's HTTP protocol: the cap and the request read timeout. ``counter`` and
+    ``timeout_s`` are class attributes set by ``guarded_protocols``."""
+
+    counter: ConnectionCounter
+    timeout_s: float
+    refused: bytes | None = None
+    read_timer = None
+    armed_cycle = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.address = self.client[0] if self.client else "unknown"
+        reason = self.counter.admit(transport, self.address)
+        if reason is not None:  # answer once its headers are in: closing on unread data would RST it
+            log.warning("refused a connection from %s: %s", self.address, reason)
+            self.refused, self.seen = refusal_bytes(reason), b""
+            self.read_timer = self.loop.call_later(REFUSAL_WAIT_S, self.send_refusal)
+            return
+        self.arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self.refused is None:
+            return super().data_received(data)
+        self.seen = (self.seen + data)[-4:]
+        if b"\r\n\r\n" in self.seen or b"\r\n\r\n" in data:
+            self.send_refusal()
+
+    def send_refusal(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(self.refused)
+            self.transport.close()
+
+    def arm(self) -> None:
+        if self.read_timer is not None:
+            self.read_timer.cancel()
+        self.armed_cycle = self.cycle
+        self.read_timer = self.loop.call_later(self.timeout_s, self.read_timed_out)
+
+    def read_timed_out(self) -> None:
+        if self.transport.is_closing() or self.transport.get_protocol() is not self:
+            return  # closed, or upgraded to a WebSocket (the WebSocket protocol owns it now)
+        cycle = self.cycle
+        if cycle is not None and cycle is not self.armed_cycle and not cycle.more_body:
+            return  # the request arrived in full; its response re-arms the timer
+        log.info("closed a connection from %s: no complete request within %.0f s", self.address, self.timeout_s)
+        if cycle is None or cycle is self.armed_cycle:
+            self.transport.write(REQUEST_TIMEOUT)  # no request had started: say why
+        self.transport.close()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self.arm()
+
+    def connection_lost(self, exc) -> None:
+        if self.read_timer is not None:
+            self.read_timer.cancel()
+        self.counter.release(self.transport, self.address)
+        super().connection_lost(exc)
+
+
+class WebSocketGuard:
+    """Mixed into uvicorn's WebSocket protocol: releases the connection's count when it closes."""
+
+    counter: ConnectionCounter
+
+    def connection_lost(self, exc) -> None:
+        self.counter.release(self.transport, self.client[0] if self.client else "unknown")
+        super().connection_lost(exc)
+
+
 def guarded_protocols(settings: Settings) -> tuple[type, type]:
-    """(http, ws) protocol classes for ``uvicorn.Config``: uvicorn's own, with the limits above."""
+    """(http, ws) protocol classes for ``uvicorn.Config``: uvicorn's own, with the limits above,
+    sharing one counter."""
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
     from uvicorn.protocols.websockets.auto import AutoWebSocketsProtocol
 
     counter = ConnectionCounter(effective_max_connections(settings), settings.max_connections_per_address)
-    timeout_s = settings.request_read_timeout_s
-
-    class GuardedHTTP(AutoHTTPProtocol):
-        """uvicorn's HTTP protocol plus the cap and the request read timeout."""
-
-        refused: bytes | None = None
-        read_timer = None
-        armed_cycle = None
-
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            self.address = self.client[0] if self.client else "unknown"
-            reason = counter.admit(transport, self.address)
-            if reason is not None:  # answer once its headers are in: closing unread data would RST it
-                log.warning("refused a connection from %s: %s", self.address, reason)
-                self.refused, self.seen = refusal_bytes(reason), b""
-                self.read_timer = self.loop.call_later(REFUSAL_WAIT_S, self.send_refusal)
-                return
-            self.arm()
-
-        def data_received(self, data: bytes) -> None:
-            if self.refused is None:
-                return super().data_received(data)
-            self.seen = (self.seen + data)[-4:]
-            if b"\r\n\r\n" in self.seen or b"\r\n\r\n" in data:
-                self.send_refusal()
-
-        def send_refusal(self) -> None:
-            if not self.transport.is_closing():
-                self.transport.write(self.refused)
-                self.transport.close()
-
-        def arm(self) -> None:
-            if self.read_timer is not None:
-                self.read_timer.cancel()
-            self.armed_cycle = self.cycle
-            self.read_timer = self.loop.call_later(timeout_s, self.read_timed_out)
-
-        def read_timed_out(self) -> None:
-            if self.transport.is_closing() or self.transport.get_protocol() is not self:
-                return  # closed, or upgraded to a WebSocket (the WebSocket protocol owns it now)
-            cycle = self.cycle
-            if cycle is not None and cycle is not self.armed_cycle and not cycle.more_body:
-                return  # the request arrived in full; its response re-arms the timer
-            log.info("closed a connection from %s: no complete request within %.0f s", self.address, timeout_s)
-            if cycle is None or cycle is self.armed_cycle:
-                self.transport.write(REQUEST_TIMEOUT)  # no request had started: say why
-            self.transport.close()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():
-                self.arm()
-
-        def connection_lost(self, exc) -> None:
-            if self.read_timer is not None:
-                self.read_timer.cancel()
-            counter.release(self.transport, self.address)
-            super().connection_lost(exc)
-
-    class GuardedWebSocket(AutoWebSocketsProtocol):
-        """uvicorn's WebSocket protocol; releases the connection's count when it closes."""
-
-        def connection_lost(self, exc) -> None:
-            counter.release(self.transport, self.client[0] if self.client else "unknown")
-            super().connection_lost(exc)
-
-    GuardedHTTP.counter = counter
-    return GuardedHTTP, GuardedWebSocket
+    http = type("GuardedHTTP", (HTTPGuard, AutoHTTPProtocol),
+                {"counter": counter, "timeout_s": settings.request_read_timeout_s})
+    ws = type("GuardedWebSocket", (WebSocketGuard, AutoWebSocketsProtocol), {"counter": counter})
+    return http, ws
 
 
 def effective_max_connections(settings: Settings) -> int:
