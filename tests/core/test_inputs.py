@@ -108,7 +108,9 @@ def test_edit_inputs_are_part_of_the_job_id():
     assert text.job_id != base.job_id
     # Text-to-image ids are what they were before edits existed: the unset edit fields stay out.
     assert "image_sha" not in text.job_id and text.strength is None
-    legacy = {k: v for k, v in text.to_dict().items() if k not in ("image_sha", "mask_sha", "strength")}
+    before_edits = ("task_type", "model", "model_type", "prompt", "negative_prompt", "width", "height", "steps",
+                    "guidance_scale", "seed", "n", "upscale", "preview_method", "preview_interval")
+    legacy = {k: v for k, v in text.to_dict().items() if k in before_edits}
     import hashlib, json
     assert text.job_id == hashlib.sha256(json.dumps(legacy, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
