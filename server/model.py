@@ -145,7 +145,6 @@ class DiffusersGenerator:
         if request.is_edit and not profile.supports_edits:
             raise InvalidRequest(f"The model '{profile.model_id}' cannot edit images.", param="model")
         pipe = self._ensure_loaded(profile, variant)
-        # Before anything else runs: exactly this job's adapters, or none (nothing of the last job's).
         self.adapters.activate((profile.model_id, variant), pipe, request.loras)
         edit = None
         if request.is_edit:
