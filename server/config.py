@@ -75,7 +75,7 @@ class Settings(BaseSettings):
     role: Literal["all", "api", "worker"] = "all"  # with a backend: API node, GPU worker, or both in one process
     node_id: str | None = None  # this process's consumer name in the queue; default: host-pid-random
     reclaim_idle_ms: int = 60_000  # a job whose worker shows no GPU progress this long is taken over
-    max_deliveries: int = 3  # a job that took down this many workers ends failed
+    max_deliveries: int = 3  # a job running at this many worker deaths (or, single node, process deaths) ends failed
     result_ttl_s: int = 86_400  # finished job records (the result cache) expire after this
     redis_max_connections: int = 64  # per process; callers wait for a free connection (BlockingConnectionPool)
     key_prefix: str = "t2i:"
