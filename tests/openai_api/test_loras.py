@@ -144,3 +144,13 @@ def test_websocket_create_job_with_loras(server):
                     return message
 
     assert run_async(session())["status"] == "completed"
+
+
+def test_without_lora_dir_the_feature_is_off(fake_server):
+    assert httpx.get(fake_server.url + "/v1/loras").json() == {"object": "list", "data": []}
+    response = httpx.post(fake_server.url + "/v1/images/generations",
+                          json={"prompt": "x", "size": "64x64", "loras": [{"name": "alpha"}]})
+    assert response.status_code == 400 and "--lora-dir" in response.json()["error"]["message"]
+    assert response.json()["error"]["param"] == "loras[0].name"
+    plain = httpx.post(fake_server.url + "/v1/images/generations", json={"prompt": "x", "size": "64x64", "loras": []})
+    assert plain.status_code == 200
