@@ -22,13 +22,18 @@ from server.core.generation import Generator, Upscaler
 from server.core.jobs import JobRecord
 from server.core.locks import KeyedLocks
 from server.core.ports import ActiveJob, EngineConfig, Submission
-from server.core.runner import JobRunner, report_finished
+from server.core.runner import JobRunner, report_finished, upscale_stopped
 from server.core.spec import JobSpec
 from server.core.states import CANCELLABLE, FAILURE_MESSAGES, FailureCode, JobStatus
 from server.core.store import JobStore
 
 log = logging.getLogger(__name__)
 SHUTDOWN_REASON = FAILURE_MESSAGES[FailureCode.SHUTDOWN]
+# What a cancel can stop: also a generated job's upscale (the job then completes with its image and
+# ``upscale_error``; its status never becomes cancelled, the image exists).
+STOPPABLE = CANCELLABLE | {JobStatus.GENERATED}
+STOP_WAIT_S = 3.0  # after the grace period: a step or an upscale tile ends well within this
+DRAIN_S = 1.0  # then the time open streams get to send the final events just announced
 
 __all__ = ["ActiveJob", "EngineConfig", "JobEngine", "Submission", "scoped_job_id"]
 
@@ -105,6 +110,11 @@ class JobEngine:
         await asyncio.shield(self._stopping)
 
     async def _stop(self, grace_s: float) -> None:
+        """Pending jobs fail at once; after ``grace_s`` the others are stopped (generation within a
+        step, an upscale within a tile: a generated job completes without its upscale, a
+        processing one fails), and whatever is still unfinished ``STOP_WAIT_S`` later is ended
+        the same way, so every stream and client gets a final status; then streams get
+        ``DRAIN_S`` to send it before the server closes connections."""
         self._accepting = False
         for active in list(self._active.values()):
             if active.record.status is JobStatus.PENDING:
@@ -112,11 +122,21 @@ class JobEngine:
         if not await self._wait_idle(grace_s):
             for active in list(self._active.values()):
                 active.request_cancel(FailureCode.SHUTDOWN)
-            await self._wait_idle(5.0)
+            await self._wait_idle(STOP_WAIT_S)
         for worker in self._workers:
             worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._runner.shutdown()
+        for active in list(self._active.values()):  # a step or tile outlasted the wait; its thread ends on its own
+            result = active.record.result
+            if active.record.status is JobStatus.GENERATED and result is not None:
+                await self.finish(active, JobStatus.COMPLETED,
+                                  result=replace(result, upscale_error=upscale_stopped(FailureCode.SHUTDOWN)))
+            else:
+                await self.finish(active, JobStatus.FAILED, error=SHUTDOWN_REASON, failure=FailureCode.SHUTDOWN)
+        deadline = time.monotonic() + DRAIN_S
+        while self.hub.subscriber_count() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)  # streams close their subscriber once their final event is sent
 
     async def _wait_idle(self, timeout: float) -> bool:
         """True once no job is unfinished, False if ``timeout`` passed first."""
@@ -312,11 +332,13 @@ class JobEngine:
     async def cancel(self, job_id: str, interest: str, owner: str | None = None) -> tuple[JobRecord, bool]:
         """Withdraw ``interest``; cancel the job if nobody else wants it. Returns (record, cancelled).
 
-        Raises ``JobNotFound``, or ``JobNotCancellable`` for a job that is generated or finished."""
+        A generated job's cancel stops its upscale within one tile: it completes with its image,
+        ``upscale_error`` "upscaling stopped: cancelled". Raises ``JobNotFound``, or
+        ``JobNotCancellable`` for a finished job."""
         record = await self.get(job_id, owner)
         active = self._active.get(job_id)
-        if active is None or record.status not in CANCELLABLE:
-            raise JobNotCancellable(f"job is {record.status.value}; only pending or processing jobs can be cancelled",
+        if active is None or record.status not in STOPPABLE:
+            raise JobNotCancellable(f"job is {record.status.value}; only unfinished jobs can be cancelled",
                                     param="job_id")
         active.interests.discard(interest)
         if active.interests:
@@ -331,11 +353,11 @@ class JobEngine:
         if active is None:
             return
         active.interests.discard(interest)
-        if not active.interests and not active.recovered and active.record.status in CANCELLABLE:
+        if not active.interests and not active.recovered and active.record.status in STOPPABLE:
             await self._cancel_now(active)
 
     async def _cancel_now(self, active: ActiveJob) -> None:
-        active.request_cancel(FailureCode.CANCELLED)  # a processing job stops at its next step boundary
+        active.request_cancel(FailureCode.CANCELLED)  # processing: at its next step; generated: next tile
         if active.record.status is JobStatus.PENDING:
             await self.finish(active, JobStatus.CANCELLED, error="cancelled", failure=FailureCode.CANCELLED)
         log.info("job %s: cancel requested", active.job_id[:12])

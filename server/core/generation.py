@@ -80,8 +80,10 @@ class Generator(Protocol):
 
 
 class Upscaler(Protocol):
-    def upscale(self, image: "Image") -> "Image":
-        """Return the image 4x larger (RGB or RGBA kept)."""
+    def upscale(self, image: "Image", is_cancelled: CancelCheck | None = None) -> "Image":
+        """Return the image 4x larger (RGB or RGBA kept). ``is_cancelled`` is polled before every
+        tile; when true the upscaler stops within one tile and raises ``JobCancelled`` (so a cancel
+        or a shutdown never waits for a whole large upscale)."""
         ...
 
 

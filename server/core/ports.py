@@ -127,7 +127,9 @@ class Engine(Protocol):
 
     async def cancel(self, job_id: str, interest: str, owner: str | None = None) -> tuple[JobRecord, bool]:
         """Withdraw ``interest``; cancel the job if nobody else wants it: (record, cancelled).
-        Raises ``JobNotFound``, or ``JobNotCancellable`` unless the job is in ``CANCELLABLE``."""
+        Raises ``JobNotFound``, or ``JobNotCancellable`` unless the job is in ``CANCELLABLE``.
+        ``JobEngine`` also accepts a ``generated`` job: the cancel stops its upscale within a tile
+        and the job completes with its image (``upscale_error``); ``RedisEngine`` refuses it."""
 
     async def release(self, job_id: str, interest: str) -> None:
         """As ``cancel`` but silent and never raising: an HTTP client went away."""

@@ -152,8 +152,11 @@ class JobRunner:
         is recorded: a user's finished image is never thrown away."""
         if self._upscaler is None:
             return JobResult(result.images, result.seeds, "upscaling is not available on this server", result.generation_s)
+        stop = active.cancel_flag.is_set  # a cancel or shutdown stops the upscale within one tile
         async with self._gpu_lock:
-            big, error = await self._on_gpu(active, lambda: [self._upscaler.upscale(image) for image in images])
+            big, error = await self._on_gpu(active, lambda: [self._upscaler.upscale(image, stop) for image in images])
+        if isinstance(error, JobCancelled):
+            return JobResult(result.images, result.seeds, upscale_stopped(active.cancel_cause), result.generation_s)
         if error is None:
             try:
                 names = await self._save(active, big, upscaled=True)
@@ -217,6 +220,11 @@ def _failure(active: ActiveJob, error: BaseException) -> tuple[JobStatus, str, F
     if isinstance(error, OSError):
         return JobStatus.FAILED, _describe(error), FailureCode.STORAGE
     return JobStatus.FAILED, _describe(error), FailureCode.INTERNAL
+
+
+def upscale_stopped(cause: FailureCode) -> str:
+    """The ``upscale_error`` of a job whose upscale was stopped: the job completes with its image."""
+    return f"upscaling stopped: {FAILURE_MESSAGES.get(cause, cause.value)}"
 
 
 def report_finished(record: JobRecord, metrics) -> None:

@@ -13,6 +13,8 @@
   size, not the image size. The output accumulator lives in host memory.
 * On CUDA out-of-memory the tile is halved (not below 128) and the whole image redone; when a
   128 tile still does not fit, ``server.core.errors.OutOfMemory`` is raised.
+* ``upscale(image, is_cancelled)`` polls ``is_cancelled`` before every tile and raises
+  ``server.core.errors.JobCancelled`` there: a cancel or shutdown waits for one tile at most.
 * Colour is clamped to [0, 1] before rounding to 8 bit. RGB in -> RGB out; an image with
   transparency (RGBA/LA/PA, or P with a transparency key) -> RGBA out. The alpha channel is
   upscaled with PIL bicubic rather than the GAN: a mask gains nothing from invented texture, and
@@ -29,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from server.core.errors import InvalidRequest, ModelLoadError, OutOfMemory
+from server.core.errors import InvalidRequest, JobCancelled, ModelLoadError, OutOfMemory
+from server.core.generation import CancelCheck
 from server.inference.esrgan_weights import REMEDY, ensure_x4plus_weights
 
 if TYPE_CHECKING:
@@ -161,8 +164,9 @@ class RealESRGANUpscaler:
 
     # -- inference -------------------------------------------------------------------------
 
-    def upscale(self, image: "Image") -> "Image":
-        """Return ``image`` 4x larger; RGB stays RGB, images with transparency come back RGBA."""
+    def upscale(self, image: "Image", is_cancelled: CancelCheck | None = None) -> "Image":
+        """Return ``image`` 4x larger; RGB stays RGB, images with transparency come back RGBA.
+        Raises ``JobCancelled`` at the first tile boundary where ``is_cancelled()`` is true."""
         from PIL import Image as PILImage
 
         if image.width < 1 or image.height < 1:
@@ -173,7 +177,7 @@ class RealESRGANUpscaler:
         source = image.convert("RGBA") if has_alpha else image.convert("RGB")
         rgb = np.asarray(source.convert("RGB"), dtype=np.float32) / 255.0
         started = time.perf_counter()
-        out = self.run_model(rgb)
+        out = self.run_model(rgb, is_cancelled)
         out8 = (np.clip(out, 0.0, 1.0) * 255.0).round().astype(np.uint8)  # clamp: GAN overshoots
         result = PILImage.fromarray(out8, mode="RGB")
         if has_alpha:
@@ -185,11 +189,12 @@ class RealESRGANUpscaler:
         )
         return result
 
-    def run_model(self, rgb: np.ndarray) -> np.ndarray:
+    def run_model(self, rgb: np.ndarray, is_cancelled: CancelCheck | None = None) -> np.ndarray:
         """Float RGB ``(H, W, 3)`` in [0, 1] -> float32 ``(4H, 4W, 3)`` in [0, 1], tiled.
 
         Loads the model if needed. On CUDA out-of-memory, retries with the tile halved down
-        to ``MIN_TILE`` and then raises ``OutOfMemory``.
+        to ``MIN_TILE`` and then raises ``OutOfMemory``. ``is_cancelled`` is polled before each
+        tile (``JobCancelled``).
         """
         import torch
 
@@ -201,7 +206,7 @@ class RealESRGANUpscaler:
         while True:
             try:
                 with torch.inference_mode():
-                    out = self._tiled(x, tile, min(self.tile_overlap, (tile - 1) // 2))
+                    out = self._tiled(x, tile, min(self.tile_overlap, (tile - 1) // 2), is_cancelled)
                 return out[0].permute(1, 2, 0).numpy()
             except _oom_types(torch) as exc:
                 if self._device.type != "cuda" or tile <= MIN_TILE:
@@ -212,11 +217,16 @@ class RealESRGANUpscaler:
             torch.cuda.empty_cache()
             tile = max(MIN_TILE, tile // 2)
 
-    def _tiled(self, x: Any, tile: int, overlap: int) -> Any:
+    def _tiled(self, x: Any, tile: int, overlap: int, is_cancelled: CancelCheck | None = None) -> Any:
         """Blend the model's outputs for overlapping tiles of ``x`` (1, 3, H, W) on the host."""
         import torch
 
+        def check() -> None:
+            if is_cancelled is not None and is_cancelled():
+                raise JobCancelled()
+
         _, _, h, w = x.shape
+        check()
         if h <= tile and w <= tile:
             return self._forward(x)
         out = torch.zeros((1, 3, h * SCALE, w * SCALE), dtype=torch.float32)
@@ -226,6 +236,7 @@ class RealESRGANUpscaler:
             wy = feather(th * SCALE, y0 > 0, y0 + th < h, overlap * SCALE)
             for x0 in axis_starts(w, tile, overlap):
                 wx = feather(tw * SCALE, x0 > 0, x0 + tw < w, overlap * SCALE)
+                check()
                 weights = torch.from_numpy(np.outer(wy, wx))[None, None]
                 piece = self._forward_padded(x, y0, x0, th, tw)
                 ys, xs = slice(y0 * SCALE, (y0 + th) * SCALE), slice(x0 * SCALE, (x0 + tw) * SCALE)

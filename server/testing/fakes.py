@@ -72,15 +72,26 @@ class FakeGenerator:
 
 
 class FakeUpscaler:
-    def __init__(self, fail: bool = False, delay_s: float = 0.0):
+    """``delay_s``: one uninterrupted wait per image; ``tiles`` x ``tile_s``: a tiled upscale that,
+    like the real one, polls ``is_cancelled`` before each tile and stops there."""
+
+    def __init__(self, fail: bool = False, delay_s: float = 0.0, tile_s: float = 0.0, tiles: int = 1):
         self.fail = fail
         self.delay_s = delay_s  # seconds per image: holds a job in ``generated`` (e.g. for a kill -9)
+        self.tile_s, self.tiles = tile_s, tiles
         self.calls = 0
+        self.tiles_done = 0
 
-    def upscale(self, image: Image.Image) -> Image.Image:
+    def upscale(self, image: Image.Image, is_cancelled: CancelCheck | None = None) -> Image.Image:
         self.calls += 1
         if self.delay_s:
             time.sleep(self.delay_s)  # stands for upscaling work on the GPU thread
+        for _ in range(self.tiles):
+            if is_cancelled is not None and is_cancelled():
+                raise JobCancelled()
+            if self.tile_s:
+                time.sleep(self.tile_s)  # one tile's work on the GPU thread
+            self.tiles_done += 1
         if self.fail:
             raise OutOfMemory("out of GPU memory while upscaling")
         return image.resize((image.width * 4, image.height * 4), Image.NEAREST)

@@ -20,9 +20,12 @@ def main(argv: list[str] | None = None, generator_class: type[FakeGenerator] = F
     parser = argparse.ArgumentParser(prog="python -m server.testing.serve", add_help=False)
     parser.add_argument("--fake-step-s", type=float, default=0.0, help="seconds per denoising step of the fake")
     parser.add_argument("--fake-upscale-s", type=float, default=0.0, help="seconds per image of the fake upscaler")
+    parser.add_argument("--fake-upscale-tiles", type=int, default=1, help="tiles per image of the fake upscaler")
+    parser.add_argument("--fake-upscale-tile-s", type=float, default=0.0, help="seconds per tile of the fake upscaler")
     known, rest = parser.parse_known_args(argv)
     return server_main(rest, generator=generator_class(step_s=known.fake_step_s),
-                       upscaler=FakeUpscaler(delay_s=known.fake_upscale_s))
+                       upscaler=FakeUpscaler(delay_s=known.fake_upscale_s, tile_s=known.fake_upscale_tile_s,
+                                             tiles=known.fake_upscale_tiles))
 
 
 if __name__ == "__main__":

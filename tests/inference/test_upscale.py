@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from server.inference import esrgan_weights
-from server.core.errors import ModelLoadError, OutOfMemory
+from server.core.errors import JobCancelled, ModelLoadError, OutOfMemory
 from server.inference.esrgan_weights import convert_ncnn_rrdbnet, ensure_x4plus_weights, find_ncnn_model_files
 from server.inference.upscale import RealESRGANUpscaler, axis_starts, feather
 
@@ -291,3 +291,25 @@ def test_user_weights_path_wins(converted, tmp_path, monkeypatch):
     user = tmp_path / "RealESRGAN_x4plus.safetensors"
     shutil.copyfile(converted, user)
     assert ensure_x4plus_weights(tmp_path / "cache", user) == user
+
+
+def test_cancel_stops_the_upscale_at_the_next_tile(upscaler):
+    """``is_cancelled`` is polled before every tile: the upscale ends at the first tile after it
+    turns true, with ``JobCancelled``, having run no further tile."""
+    import torch
+
+    tiled = RealESRGANUpscaler(upscaler.cache_dir, device="cpu", tile=16, tile_overlap=4, tile_pad=2)
+    tiled.adopt(upscaler.descriptor, torch.device("cpu"), upscaler.dtype)
+    image = Image.fromarray((synthetic_rgb(40, 40) * 255).astype(np.uint8))  # 3 x 3 = 9 tiles
+    polls = []
+
+    def cancelled_at_third_tile() -> bool:
+        polls.append(1)
+        return len(polls) > 3  # the whole image, then tiles 1 and 2 pass; tile 3 is never run
+
+    with pytest.raises(JobCancelled):
+        tiled.upscale(image, cancelled_at_third_tile)
+    assert len(polls) == 4
+    polls.clear()
+    assert tiled.upscale(image, lambda: polls.append(1) and False).size == (160, 160)
+    assert len(polls) == 10  # once before the image and once per tile: nothing cancels it
