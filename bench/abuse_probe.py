@@ -2,7 +2,9 @@
 
     python bench/abuse_probe.py half-open --count 800 --wait 45      # connections left open
     python bench/abuse_probe.py client-ids --ids 5 --per-id 13       # jobs one address can queue
+    python bench/abuse_probe.py create-cancel --pairs 10000          # job database after create/cancel
     python bench/abuse_probe.py ... --repo /path/to/other/checkout   # the same probe, another version
+    python bench/abuse_probe.py ... --flags="--retention-unstarted-s 5" # extra server flags
 
 Loopback only. Prints one JSON line.
 """
@@ -89,21 +91,64 @@ async def client_ids(port: int, ids: int, per_id: int) -> dict:
     return {"probe": "client-ids", "ids": ids, "per_id": per_id, "accepted": accepted, "refused": refused}
 
 
+async def create_cancel(port: int, pairs: int, db: Path, settle_s: float) -> dict:
+    """``pairs`` x (create_job with a 4000-character prompt, cancel_job while pending) from one
+    socket while one job holds the GPU; the database's size and rows at the end and ``settle_s``
+    later (a retention run)."""
+    import sqlite3
+
+    from websockets.asyncio.client import connect
+
+    def db_state() -> dict:
+        size = sum(p.stat().st_size for p in db.parent.glob(db.name + "*"))
+        with sqlite3.connect(db) as conn:
+            return {"bytes": size, "jobs": conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0],
+                    "links": conn.execute("SELECT COUNT(*) FROM client_jobs").fetchone()[0]}
+
+    started = time.monotonic()
+    async with connect(f"ws://127.0.0.1:{port}/api/ws?client_id=churn", max_size=2**24) as ws:
+        async def call(message: dict) -> dict:
+            await ws.send(json.dumps(message))
+            while True:
+                reply = json.loads(await ws.recv())
+                if reply.get("request_id") == message["request_id"]:
+                    return reply
+
+        params = {"width": 64, "height": 64, "steps": 100, "upscale": False}
+        await call({"type": "create_job", "request_id": "hold", "params": {"prompt": "hold", **params}})
+        for i in range(pairs):
+            created = await call({"type": "create_job", "request_id": f"c{i}",
+                                  "params": {"prompt": "x" * 4000, "seed": i, **params}})
+            await call({"type": "cancel_job", "request_id": f"x{i}", "job_id": created["job_id"]})
+        elapsed = time.monotonic() - started
+        at_end = db_state()
+        time.sleep(settle_s)  # the figure is what a retention run leaves after this long
+        return {"probe": "create-cancel", "pairs": pairs, "seconds": round(elapsed, 1),
+                "pairs_per_s": round(pairs / elapsed), "at_end": at_end, "after_settle": db_state(),
+                "settle_s": settle_s}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("probe", choices=["half-open", "client-ids"])
+    parser.add_argument("probe", choices=["half-open", "client-ids", "create-cancel"])
     parser.add_argument("--repo", type=Path, default=REPO)
     parser.add_argument("--count", type=int, default=800)
     parser.add_argument("--wait", type=float, default=45.0)
     parser.add_argument("--ids", type=int, default=5)
     parser.add_argument("--per-id", type=int, default=13)
+    parser.add_argument("--pairs", type=int, default=10_000)
+    parser.add_argument("--settle", type=float, default=10.0)
+    parser.add_argument("--flags", default="", help="extra server flags, space-separated")
     args = parser.parse_args()
     port = free_port()
     with tempfile.TemporaryDirectory() as out:
-        proc = start(args.repo, port, out, "--fake-step-s", "1")
+        proc = start(args.repo, port, out, "--fake-step-s", "1", "--max-queue", "100000",
+                     "--max-queue-per-client", "100000", *args.flags.split())
         try:
             if args.probe == "half-open":
                 result = half_open(port, args.count, args.wait)
+            elif args.probe == "create-cancel":
+                result = asyncio.run(create_cancel(port, args.pairs, Path(out) / "jobs.sqlite3", args.settle))
             else:
                 result = asyncio.run(client_ids(port, args.ids, args.per_id))
         finally:

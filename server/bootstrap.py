@@ -32,6 +32,7 @@ from server.core.catalog import Catalog, resolve_default_model
 from server.core.engine import EngineConfig, JobEngine
 from server.core.errors import StorageUnavailable
 from server.core.generation import Generator, Upscaler
+from server.core.retention import Retention, RetentionPolicy
 from server.core.store import SQLiteJobStore
 from server.metrics import Metrics
 
@@ -167,6 +168,11 @@ async def _single_node(stack: AsyncExitStack, settings: Settings, config: Engine
     engine = JobEngine(config, inference.generator, inference.upscaler, store, metrics=metrics)
     await engine.start()
     stack.push_async_callback(engine.stop, settings.shutdown_grace_s)
+    retention = Retention(store, settings.output_dir, RetentionPolicy.from_settings(settings), engine.forget,
+                          engine.is_active)
+    pruning = asyncio.create_task(retention.run_forever(), name="retention")
+    stack.callback(pruning.cancel)  # first on the way out: nothing is deleted while the engine stops
+    metrics.bind_retention(retention)
     return engine
 
 

@@ -55,6 +55,14 @@ class Settings(BaseSettings):
     request_read_timeout_s: float = 15.0
     max_connections: int = 1000
     max_connections_per_address: int = 100
+    # Retention (server.core.retention; single node): finished jobs with their images and links,
+    # jobs that never made an image, the image size budget (oldest first, never younger than
+    # retention_min_age_s), and how often it runs.
+    retention_finished_s: float = 7 * 86_400.0
+    retention_unstarted_s: float = 60.0
+    output_max_bytes: int = 5 * 1024**3
+    retention_min_age_s: float = 3600.0
+    retention_interval_s: float = 30.0
     public_url: str | None = None  # base for absolute image URLs; default: from the request
     shutdown_grace_s: float = 30.0
     sse_ping_s: float = 15.0

@@ -4,7 +4,7 @@ apps in one process - as in tests - do not collide)."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from server.core.states import ACTIVE
 
@@ -22,10 +22,15 @@ class Metrics:
         self.sse_streams = Gauge("t2i_active_sse_streams", "Open SSE streams", registry=self.registry)
         self.ws_connections = Gauge("t2i_websocket_connections", "Open WebSocket connections", registry=self.registry)
         self.engine = None  # bound once the engine exists (the lifespan)
+        self.retention = None  # server.core.retention.Retention, single node only
         self.registry.register(_EngineCollector(self))
+        self.registry.register(_RetentionCollector(self))
 
     def bind(self, engine) -> None:
         self.engine = engine
+
+    def bind_retention(self, retention) -> None:
+        self.retention = retention
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -47,3 +52,23 @@ class _EngineCollector:
             jobs.add_metric([status.value], counts.get(status.value, 0))
         yield depth
         yield jobs
+
+
+class _RetentionCollector:
+    """What retention pruned since start and what is kept, as of its latest run."""
+
+    def __init__(self, metrics: Metrics):
+        self._metrics = metrics
+
+    def collect(self):
+        retention = self._metrics.retention
+        if retention is None:
+            return
+        counts = retention.counts
+        pruned = CounterMetricFamily("t2i_pruned", "Deleted by retention since start", labels=["kind"])
+        for kind, value in counts.pruned.items():
+            pruned.add_metric([kind], value)
+        yield pruned
+        yield GaugeMetricFamily("t2i_kept_jobs", "Job records kept (latest retention run)", value=counts.kept_jobs)
+        yield GaugeMetricFamily("t2i_kept_image_bytes", "Bytes of image files kept (latest retention run)",
+                                value=counts.kept_bytes)

@@ -305,6 +305,14 @@ class JobEngine:
         fresh = [self._active[r.job_id].record if r.job_id in self._active else r for r in records]
         return [r for r in fresh if owner is None or r.owner == owner]
 
+    def forget(self, job_ids: list[str]) -> None:
+        """Drop finished records from the in-memory cache (retention deleted them)."""
+        for job_id in job_ids:
+            self._finished.pop(job_id, None)
+
+    def is_active(self, job_id: str) -> bool:
+        return job_id in self._active
+
     def queue_position(self, job_id: str) -> int | None:
         """0-based place among pending jobs, or None when the job is not pending."""
         active = self._active.get(job_id)

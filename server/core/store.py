@@ -56,6 +56,10 @@ class JobStore(Protocol):
     async def link_client(self, client_id: str, job_id: str, at: float) -> None: ...
     async def client_jobs(self, client_id: str, owner: str | None = None, limit: int = 200) -> list[JobRecord]: ...
     async def recover_interrupted(self, max_restarts: int) -> list[JobRecord]: ...
+    async def expired(self, finished_before: float, unstarted_before: float, limit: int = 1000) -> list[JobRecord]: ...
+    async def oldest_finished(self, before: float, limit: int = 200) -> list[JobRecord]: ...
+    async def delete(self, job_ids: list[str], links_before: float) -> tuple[int, int]: ...
+    async def job_count(self) -> int: ...
     async def close(self) -> None: ...
 
 
@@ -156,6 +160,47 @@ class SQLiteJobStore:
                 (client_id, owner, owner, limit)).fetchall()
             return [_record_from_row(row) for row in rows]
         return await self._run(query)
+
+    # -- retention (server.core.retention decides; these only read and delete) -------------------
+
+    async def expired(self, finished_before: float, unstarted_before: float, limit: int = 1000) -> list[JobRecord]:
+        """Finished jobs past their retention: with images, last changed before ``finished_before``;
+        without (cancelled before running, failed), before ``unstarted_before``. Oldest first."""
+        marks = ",".join("?" * len(TERMINAL))
+        return await self._select(
+            f"SELECT {COLUMNS} FROM jobs WHERE status IN ({marks}) AND ((result IS NOT NULL AND updated_at < ?)"
+            " OR (result IS NULL AND updated_at < ?)) ORDER BY updated_at LIMIT ?",
+            (*[status.value for status in TERMINAL], finished_before, unstarted_before, limit))
+
+    async def oldest_finished(self, before: float, limit: int = 200) -> list[JobRecord]:
+        """Finished jobs with images, last changed before ``before``, oldest first."""
+        marks = ",".join("?" * len(TERMINAL))
+        return await self._select(
+            f"SELECT {COLUMNS} FROM jobs WHERE status IN ({marks}) AND result IS NOT NULL AND updated_at < ?"
+            " ORDER BY updated_at LIMIT ?", (*[status.value for status in TERMINAL], before, limit))
+
+    async def delete(self, job_ids: list[str], links_before: float) -> tuple[int, int]:
+        """Delete the jobs (with their client links) and every client link older than
+        ``links_before``, in one transaction: (jobs, links) deleted."""
+        def delete_sync() -> tuple[int, int]:
+            ids = [(job_id,) for job_id in job_ids]
+            self._conn.execute("BEGIN")
+            try:
+                links = self._conn.executemany("DELETE FROM client_jobs WHERE job_id = ?", ids).rowcount
+                jobs = self._conn.executemany("DELETE FROM jobs WHERE job_id = ?", ids).rowcount
+                links += self._conn.execute("DELETE FROM client_jobs WHERE linked_at < ?", (links_before,)).rowcount
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            return max(jobs, 0), max(links, 0)
+        return await self._run(delete_sync)
+
+    async def job_count(self) -> int:
+        return await self._run(lambda: self._conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
+
+    async def _select(self, sql: str, args: tuple) -> list[JobRecord]:
+        return await self._run(lambda: [_record_from_row(row) for row in self._conn.execute(sql, args).fetchall()])
 
     async def recover_interrupted(self, max_restarts: int) -> list[JobRecord]:
         """At start: the jobs a dead process left unfinished, after ``states.RECOVERY``, in the

@@ -220,7 +220,7 @@ def test_non_streaming_client_that_leaves_releases_the_job(serve):
     job_id = normalize(SpecInput(prompt="impatient", model="tiny-z-image", width=64, height=64, seed=4),
                        get_profile("tiny-z-image"), limits).job_id
     body = json.dumps({"prompt": "impatient", "size": "64x64", "seed": 4}).encode()
-    head = f"POST {PATH} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    head = f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     with socket.create_connection(("127.0.0.1", server.port)) as sock:  # a client that will not wait
         sock.sendall(head.encode() + body)
         wait_subscribers(server, job_id, 1)  # the request is waiting on its job
