@@ -65,3 +65,18 @@ def write_unrelated(path: Path) -> Path:
     save_file({"transformer.no_such_block.proj.lora_A.weight": torch.zeros(4, 64),
                "transformer.no_such_block.proj.lora_B.weight": torch.zeros(64, 4)}, str(path))
     return path
+
+
+def write_broken(path: Path, cache_dir: Path) -> Path:
+    """An adapter whose header looks right for the tiny Z-Image (family, to_q width) but one of
+    whose tensors has the wrong shape: it passes the submit check and fails to load."""
+    from diffusers import ZImagePipeline
+
+    import torch
+
+    state = dict(_state_dict(str(cache_dir), 9, 4, None))
+    key = next(k for k in state if k.endswith("to_v.lora_B.weight"))
+    state[key] = torch.ones(state[key].shape[0] // 2, state[key].shape[1])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ZImagePipeline.save_lora_weights(str(path.parent), transformer_lora_layers=state, weight_name=path.name)
+    return path

@@ -40,6 +40,15 @@ class InvalidRequest(ServerError):
     code = "invalid_value"
 
 
+class AdapterRejected(InvalidRequest):
+    """A LoRA adapter the model layer could not apply (its file does not load into the model, or a
+    worker's file differs from the one the job was submitted with): the client's 400, ``param`` loras.
+    Raised on the GPU thread, so it reaches the client through the job's failure code."""
+
+    def __init__(self, message: str, *, param: str | None = "loras", code: str | None = None):
+        super().__init__(message, param=param, code=code)
+
+
 class PayloadTooLarge(ServerError):
     code = "request_too_large"
 

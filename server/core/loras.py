@@ -20,7 +20,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.core.errors import InvalidRequest
+from server.core.errors import AdapterRejected, InvalidRequest
 from server.core.profiles import ModelProfile
 
 SUFFIX = ".safetensors"
@@ -134,12 +134,15 @@ class LoraDirectory:
         return tuple(refs)
 
     def path_for(self, ref: LoraRef) -> Path:
-        """The file of ``ref`` in this directory (blocking); ``InvalidRequest`` naming the adapter
+        """The file of ``ref`` in this directory (blocking); ``AdapterRejected`` naming the adapter
         when it is missing or its content differs (a worker whose directory differs from the API node's)."""
-        item = self.find(ref.name)
+        try:
+            item = self.find(ref.name)
+        except InvalidRequest as exc:  # on a worker: the job fails with the client's 400
+            raise AdapterRejected(exc.message) from None
         if item.sha256 != ref.sha256:
-            raise InvalidRequest(f"The LoRA adapter '{ref.name}' on this worker differs from the one the job was "
-                                 f"submitted with (sha256 {item.sha256[:12]} != {ref.sha256[:12]}).", param="loras")
+            raise AdapterRejected(f"The LoRA adapter '{ref.name}' on this worker differs from the one the job was "
+                                  f"submitted with (sha256 {item.sha256[:12]} != {ref.sha256[:12]}).")
         return item.path
 
     def _describe(self, path: Path) -> LoraFile | None:

@@ -20,7 +20,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from server.core import files
-from server.core.errors import JobCancelled, OutOfMemory, ServerError
+from server.core.errors import AdapterRejected, JobCancelled, OutOfMemory, ServerError
 from server.core.events import EventKind, JobEvent, PreviewImage
 from server.core.generation import StepUpdate
 from server.core.jobs import ImageFile, JobRecord, JobResult, Progress
@@ -215,6 +215,8 @@ def _failure(active: ActiveJob, error: BaseException) -> tuple[JobStatus, str, F
         return JobStatus.FAILED, FAILURE_MESSAGES.get(cause, cause.value), cause  # stopped by shutdown, not a user
     if isinstance(error, OutOfMemory):
         return JobStatus.FAILED, _describe(error), FailureCode.OUT_OF_MEMORY
+    if isinstance(error, AdapterRejected):
+        return JobStatus.FAILED, _describe(error), FailureCode.INVALID_ADAPTER
     if isinstance(error, ServerError):
         return JobStatus.FAILED, _describe(error), FailureCode.GENERATION_FAILED
     if isinstance(error, OSError):

@@ -78,6 +78,7 @@ class FailureCode(str, Enum):
     INTERRUPTED = "interrupted"  # the process died while running it, max_restarts times (single node)
     OUT_OF_MEMORY = "out_of_memory"  # the device ran out of memory
     GENERATION_FAILED = "generation_failed"  # the model raised
+    INVALID_ADAPTER = "invalid_adapter"  # a LoRA adapter did not load, or a worker's file differs: the client's 400
     STORAGE = "storage_error"  # the image could not be written
     WORKER_LOST = "worker_lost"  # the job took down max_deliveries workers (Redis backend)
     INTERNAL = "internal_error"  # a bug; the log has the trace

@@ -21,7 +21,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
-from server.core.errors import InvalidRequest
+from server.core.errors import AdapterRejected
 from server.core.loras import LoraRef
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class AdapterSet:
     def activate(self, refs: tuple[LoraRef, ...], path_for: Callable[[LoraRef], Path]) -> None:
         """Make exactly ``refs`` active with their weights; none: every adapter disabled.
 
-        Loads missing adapters (``InvalidRequest`` naming the adapter when its file does not load;
+        Loads missing adapters (``AdapterRejected`` naming the adapter when its file does not load;
         the pipeline is left as it was), then evicts beyond the bounds, never one of ``refs``."""
         if not refs:
             if self._enabled:
@@ -69,11 +69,10 @@ class AdapterSet:
         except Exception as exc:  # noqa: BLE001 - any loader failure is this adapter's fault
             self._discard(name)
             logger.warning("LoRA adapter %s (%s) did not load: %s", ref.name, name, exc)
-            raise InvalidRequest(f"The LoRA adapter '{ref.name}' does not load into this model: "
-                                 f"{str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}",
-                                 param="loras") from None
+            raise AdapterRejected(f"The LoRA adapter '{ref.name}' does not load into this model: "
+                                  f"{str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}") from None
         if name not in self._adapter_names():  # keys matched no layer: diffusers only warns
-            raise InvalidRequest(f"The LoRA adapter '{ref.name}' fits no layer of this model.", param="loras")
+            raise AdapterRejected(f"The LoRA adapter '{ref.name}' fits no layer of this model.")
         self._loaded[name] = path.stat().st_size
         logger.info("loaded LoRA adapter %s as %s (%d loaded)", ref.name, name, len(self._loaded))
 
@@ -117,7 +116,7 @@ class Adapters:
                 return  # this pipeline never had an adapter: nothing to disable
             current = self._sets[key] = AdapterSet(pipe, self.max_count, self.max_bytes)
         if refs and (self.directory is None or not self.directory.enabled):
-            raise InvalidRequest("LoRA adapters are not enabled on this worker (no --lora-dir).", param="loras")
+            raise AdapterRejected("LoRA adapters are not enabled on this worker (no --lora-dir).")
         current.activate(refs, lambda ref: self.directory.path_for(ref))
 
     def forget(self, key: tuple[str, str]) -> None:

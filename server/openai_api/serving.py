@@ -9,7 +9,7 @@ import asyncio
 
 from server.config import Settings
 from server.core import files
-from server.core.errors import GenerationFailed, NotFound, OutOfMemory, ServerError, ShuttingDown
+from server.core.errors import AdapterRejected, GenerationFailed, NotFound, OutOfMemory, ServerError, ShuttingDown
 from server.core.jobs import JobRecord
 from server.core.spec import JobSpec
 from server.core.states import FailureCode, JobStatus
@@ -23,6 +23,7 @@ ERRORS = {status: {"model": ErrorEnvelope} for status in (400, 401, 404, 429, 50
 FAILURE_ERRORS: dict[FailureCode, type[ServerError]] = {
     FailureCode.SHUTDOWN: ShuttingDown,
     FailureCode.OUT_OF_MEMORY: OutOfMemory,
+    FailureCode.INVALID_ADAPTER: AdapterRejected,  # 400, param loras
 }
 
 

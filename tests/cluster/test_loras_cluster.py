@@ -37,7 +37,8 @@ def test_workers_load_from_their_own_dir_and_refuse_other_content(redis_kv, tmp_
 
         plain, adapted = generate([]), generate([{"name": "alpha"}])
         assert adapted.data[0].b64_json != plain.data[0].b64_json
-        with pytest.raises(openai.APIError) as caught:
+        with pytest.raises(openai.BadRequestError) as caught:
             generate([{"name": "beta"}])
-        assert "beta" in str(caught.value) and "differs" in str(caught.value)
+        assert caught.value.body["param"] == "loras" and "beta" in caught.value.body["message"]
+        assert "differs" in caught.value.body["message"]
         assert generate([]).data[0].b64_json == plain.data[0].b64_json  # still serving, nothing leaked

@@ -129,7 +129,7 @@ def test_recovery_rule():
 def test_failure_codes():
     assert {code.value for code in FailureCode} == {
         "job_cancelled", "shutting_down", "interrupted", "out_of_memory", "generation_failed", "storage_error",
-        "worker_lost", "internal_error"}
+        "worker_lost", "internal_error", "invalid_adapter"}
     assert set(FAILURE_MESSAGES) <= set(FailureCode)
 
 

@@ -24,7 +24,7 @@ from server.core.loras import LoraDirectory
 from server.inference.loras import Adapters
 from server.model import DiffusersGenerator
 from tests.conftest import SHARED_CACHE, live, run_async
-from tests.lora_helpers import write_adapter, write_unrelated
+from tests.lora_helpers import write_adapter, write_broken, write_unrelated
 
 pytest.importorskip("peft")
 
@@ -44,6 +44,7 @@ def server(tmp_path_factory):
     write_adapter(root / "alpha.safetensors", SHARED_CACHE, seed=1)
     write_adapter(root / "beta.safetensors", SHARED_CACHE, seed=2)
     write_unrelated(root / "junk.safetensors")
+    write_broken(root / "broken.safetensors", SHARED_CACHE)
     generator = CountingGenerator(SHARED_CACHE, device="cpu",
                                   adapters=Adapters(LoraDirectory(root), max_count=4, max_bytes=1 << 30))
     with live(tmp, generator=generator, upscaler=NO_UPSCALER, lora_dir=root, max_loras=2,
@@ -101,12 +102,14 @@ def test_replacing_the_file_changes_the_job_id(server, tmp_path):
     ([{"name": "junk"}], {}, "loras[0].name"),
     ([{"name": "alpha"}, {"name": "alpha"}], {}, "loras[1].name"),
     ([{"name": "alpha"}], {"model": "tiny-cogview4"}, "loras[0].name"),
+    ([{"name": "broken"}], {}, "loras"),  # passes the header check, fails to load on the GPU thread
 ])
 def test_bad_input_is_a_400_naming_the_param(server, loras, extra, param):
     with pytest.raises(openai.BadRequestError) as caught:
         generate(server, loras, **extra)
     assert caught.value.status_code == 400 and caught.value.body["param"] == param
-    assert generate(server).data[0].b64_json  # still serving
+    plain = generate(server, seed=11)
+    assert generate(server, [{"name": "alpha", "weight": 0.0}], seed=11).data[0].b64_json == plain.data[0].b64_json
 
 
 def test_edits_take_loras_as_json_text(server):
