@@ -17,7 +17,7 @@ import time
 import httpx
 
 from server.testing.fakes import FakeUpscaler
-from tests.conftest import live, run_async
+from tests.conftest import live, run_async, terminal_record
 from tests.conftest import ServerProcess
 from tests.reliability.helpers import ws_client
 
@@ -101,3 +101,23 @@ def test_cancel_during_an_upscale_stops_it_within_one_tile(tmp_path):
     assert final["result"]["filename"] and final["result"]["upscaled_filename"] is None
     print(f"cancel -> completed in {took:.2f} s, {upscaler.tiles_done - tiles_at_cancel} tile(s) after the cancel")
     assert upscaler.tiles_done - tiles_at_cancel <= 1 and took < 5  # one tile of 0.1 s, not 100 s
+
+
+def test_the_last_http_client_leaving_during_an_upscale_stops_it(tmp_path):
+    upscaler = FakeUpscaler(tile_s=0.1, tiles=1000)
+    request = {"prompt": "left while upscaling", "size": "64x64", "seed": 9, "num_inference_steps": 2,
+               "stream": True, "upscale": True}
+    with live(tmp_path, upscaler=upscaler) as server:
+        with httpx.Client(timeout=30) as client, \
+                client.stream("POST", server.url + "/v1/images/generations", json=request) as stream:
+            lines = stream.iter_lines()  # kept: a dropped iterator closes the response
+            job_id = next(lines).removeprefix(": job ").strip()
+            deadline = time.monotonic() + 30
+            while server.engine.counts().get("generated") != 1:  # the server's own state, read in-process
+                assert time.monotonic() < deadline, f"the job never reached generated: {server.engine.counts()}"
+                threading.Event().wait(0.02)
+        # The stream is closed: nobody wants the job any more.
+        record = server.call(terminal_record(server.engine, job_id))
+    assert record.status.value == "completed"
+    assert record.result.upscale_error == "upscaling stopped: cancelled"
+    assert upscaler.tiles_done < 100  # stopped at a tile boundary, long before the 1,000 tiles
