@@ -5,7 +5,6 @@ server keeps serving."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import os
