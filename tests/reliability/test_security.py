@@ -103,7 +103,7 @@ def test_ws_keys_by_header_or_query_and_jobs_scoped_per_key(tmp_path):
 
 def test_image_urls_are_not_keyed_but_not_derivable_from_the_prompt(tmp_path):
     """Documented decision (RELIABILITY.md): /api/image needs no key, so <img src> and the URLs in
-    responses work in browsers; with keys on, a file name carries 8 hex digits of the key-scoped
+    responses work in browsers; with keys on, a file name carries 32 hex digits of the key-scoped
     job id, which nobody without the key can compute from the prompt and seed."""
     with live(tmp_path, api_keys=KEYS) as server:
         body = {"prompt": "same prompt", "size": "64x64", "seed": 7, "response_format": "url"}
