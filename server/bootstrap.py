@@ -197,6 +197,15 @@ async def _redis_worker(stack: AsyncExitStack, settings: Settings, config: Engin
     return worker
 
 
+def share_lora_directory(state, generator: Generator | None) -> None:
+    """One adapter directory (and hash cache) per process: the routes use the model layer's when it
+    reads the same ``--lora-dir``, so each file is hashed once, not once per side."""
+    adapters = getattr(generator, "adapters", None)
+    directory = getattr(adapters, "directory", None)
+    if directory is not None and getattr(state, "loras", None) is not None and directory.root == state.loras.root:
+        state.loras = directory
+
+
 def lifespan(settings: Settings, catalog: Catalog, metrics: Metrics, generator: Generator | None = None,
              upscaler: Any = None):
     """The lifespan of every app (``create_app``, ``create_worker_app``): ``prepare`` on a thread,
@@ -207,6 +216,7 @@ def lifespan(settings: Settings, catalog: Catalog, metrics: Metrics, generator: 
         inference = await asyncio.to_thread(prepare, settings, catalog.default_model, generator, upscaler)
         async with start_engines(settings, inference, metrics) as state:
             state.install(app.state)
+            share_lora_directory(app.state, inference.generator)
             if inference.generator is not None and any(p.is_demo for p in catalog.profiles()):
                 log.warning("serving %s: a RANDOM-WEIGHT DEMO model; images are noise, not art", catalog.default_model)
             yield
