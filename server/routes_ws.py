@@ -138,6 +138,8 @@ async def cancel_job(ctx: Context, message: wire.CancelJob) -> None:
     record, cancelled = await ctx.engine.cancel(message.job_id, ctx.session.interest, ctx.session.owner)
     if cancelled:
         text = ("job cancelled" if record.status is JobStatus.CANCELLED
+                else "upscale stop requested; the job completes with its image without the upscale"
+                if record.status is JobStatus.GENERATED
                 else "cancellation requested; the job stops at its next step")
     else:
         text = "your interest was withdrawn; the job goes on for the other clients that requested it"

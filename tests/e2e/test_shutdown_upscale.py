@@ -96,6 +96,7 @@ def test_cancel_during_an_upscale_stops_it_within_one_tile(tmp_path):
     with live(tmp_path, upscaler=upscaler) as server:
         reply, final, tiles_at_cancel, took = run_async(body(server))
     assert reply["type"] == "cancel_result" and reply["cancelled"] is True and reply["status"] == "generated"
+    assert reply["message"] == "upscale stop requested; the job completes with its image without the upscale"
     assert final["status"] == "completed"  # its image exists: completed without the upscale
     assert final["result"]["upscale_error"] == "upscaling stopped: cancelled"
     assert final["result"]["filename"] and final["result"]["upscaled_filename"] is None
