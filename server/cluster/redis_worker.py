@@ -132,8 +132,13 @@ class RedisWorker:
                         await self._job_done.wait()
             except TimeoutError:
                 log.warning("job %s: still running at shutdown; left for another worker", self.current_job_id[:12])
+        left = self._claim
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
+        if left is not None:
+            # Nothing here reports on the job any more; its GPU thread must not keep this process
+            # alive until a long upscale ends: it stops at its next step or tile.
+            left.active.request_cancel(FailureCode.SHUTDOWN)
         self._task = None
         self._runner.shutdown()
         await self._blocking.aclose()

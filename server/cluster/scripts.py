@@ -196,11 +196,13 @@ return {'ok', f[4] or '0'}
 """
 
 # ARGV: P GROUP id worker fence msg maxlen beat [kind payload ts]... -> 1 cancel, 0 go on, -1 fenced
-STEP = COMMON + r"""
+# A job on a worker's device: denoising, or upscaling after its image was saved. The worker beats
+# through STEP in both (an upscale longer than a beat period must not read as a dead worker).
+STEP = COMMON + lua_set("on_gpu", (JobStatus.PROCESSING, JobStatus.GENERATED)) + r"""
 local id = ARGV[3]
 local key = jk(id)
 local f = redis.call('HMGET', key, 'worker', 'fence', 'status', 'cancel')
-if f[1] ~= ARGV[4] or f[2] ~= ARGV[5] or f[3] ~= 'processing' then return -1 end
+if f[1] ~= ARGV[4] or f[2] ~= ARGV[5] or not on_gpu(f[3]) then return -1 end
 local i = 9
 while ARGV[i] do
   local eid = redis.call('XADD', P .. 'ev:' .. id, 'MAXLEN', '~', ARGV[7], '*', 'k', ARGV[i], 'v', ARGV[i + 1], 'ts', ARGV[i + 2])

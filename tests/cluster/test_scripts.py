@@ -441,7 +441,12 @@ def test_step_fenced(lua):
     assert len(lua.events()) == count, "a fenced step writes nothing"
     assert lua.pel(msg)[0] == "w1"
     assert lua.move(fence, JobStatus.GENERATED) == ["ok", "0"]
-    assert lua.step(fence, msg, [progress_event(1)]) == -1, "past processing"
+    # Upscaling: still on the worker's device, which beats through STEP (a -1 here made the worker
+    # fence itself out of every upscale longer than its beat period, issue 15).
+    assert lua.step(fence, msg, beat=True) == 0, "generated: the worker still beats"
+    assert lua.pel(msg)[0] == "w1"
+    assert lua.move(fence, JobStatus.COMPLETED, result=json.dumps(RESULT.to_dict())) == ["ok", "0"]
+    assert lua.step(fence, msg, beat=True) == -1, "finished"
 
 
 # -- CANCEL ---------------------------------------------------------------------------------
