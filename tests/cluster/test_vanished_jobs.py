@@ -46,7 +46,9 @@ def test_idle_reader_keeps_its_connection_and_a_vanished_job_ends_its_subscriber
                 assert not [r.message for r in caplog.records if "redis unavailable" in r.message]
             await asyncio.to_thread(kv.restart)
             assert not kv.client().exists(f"t2i:job:{submission.record.job_id}")  # the record is gone
+            restarted = asyncio.get_running_loop().time()
             event = await subscriber.get(timeout=ENDED_WITHIN_S)
+            print(f"subscriber ended {asyncio.get_running_loop().time() - restarted:.2f} s after Redis was back")
             assert event.is_terminal and event.record.status is JobStatus.FAILED
             assert event.record.failure is FailureCode.INTERRUPTED
             assert "no longer exists" in event.record.error and "submit the request again" in event.record.error
@@ -72,6 +74,7 @@ def test_sse_stream_of_a_vanished_job_ends_with_an_in_band_error(tmp_path):
                     kv.restart()
                     deadline = time.monotonic() + ENDED_WITHIN_S
                 assert time.monotonic() < deadline, "the stream did not end (pings only)"
+        print(f"stream ended {time.monotonic() - deadline + ENDED_WITHIN_S:.2f} s after Redis was back")
         errors = [json.loads(line[5:]) for line in lines if line.startswith("data:")]
         assert "event: error" in lines, lines
         assert len(errors) == 1 and "no longer exists" in errors[0]["error"]["message"], errors
