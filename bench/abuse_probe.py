@@ -3,6 +3,7 @@
     python bench/abuse_probe.py half-open --count 800 --wait 45      # connections left open
     python bench/abuse_probe.py client-ids --ids 5 --per-id 13       # jobs one address can queue
     python bench/abuse_probe.py create-cancel --pairs 10000          # job database after create/cancel
+    python bench/abuse_probe.py non-reading --count 40 --wait 45     # server RSS, clients of a 16 MB answer
     python bench/abuse_probe.py ... --repo /path/to/other/checkout   # the same probe, another version
     python bench/abuse_probe.py ... --flags="--retention-unstarted-s 5" # extra server flags
 
@@ -36,7 +37,8 @@ def start(repo: Path, port: int, out: str, *flags: str) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo)}
     proc = subprocess.Popen([sys.executable, "-m", "server.testing.serve", "--host", "127.0.0.1", "--port", str(port),
                              "--output-dir", out, "--cache-dir", str(REPO / ".cache"), "--log-level", "WARNING", *flags],
-                            cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(Path(out) / "server.log", "w"))  # noqa: SIM115 (lives with the process)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -128,9 +130,48 @@ async def create_cancel(port: int, pairs: int, db: Path, settle_s: float) -> dic
                 "settle_s": settle_s}
 
 
+def rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return -1.0
+
+
+def non_reading(port: int, pid: int, count: int, wait: float) -> dict:
+    """``count`` clients ask for one cached 4 x 1024^2 noise answer (~16 MB of base64) and read
+    nothing; the server's RSS before, at its peak, and ``wait`` s later; connections it dropped."""
+    import urllib.request
+
+    body = json.dumps({"prompt": "large answer", "size": "1024x1024", "n": 4, "seed": 5,
+                       "num_inference_steps": 1, "upscale": False}).encode()
+    warm = urllib.request.Request(f"http://127.0.0.1:{port}/v1/images/generations", data=body,
+                                  headers={"Content-Type": "application/json"})
+    answer_bytes = len(urllib.request.urlopen(warm, timeout=300).read())
+    before = rss_mb(pid)
+    request = (b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    socks, peak = [], before
+    for _ in range(count):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(request)
+        socks.append(sock)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        peak = max(peak, rss_mb(pid))
+        time.sleep(0.5)  # sampling RSS over the wait: the figure is the curve, not an event
+    after = rss_mb(pid)
+    dropped = sum(1 for s in socks if not still_open(s))
+    for s in socks:
+        s.close()
+    return {"probe": "non-reading", "clients": count, "answer_bytes": answer_bytes, "rss_before_mb": before,
+            "rss_peak_mb": peak, "rss_after_wait_mb": after, "wait_s": wait, "dropped_by_server": dropped}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("probe", choices=["half-open", "client-ids", "create-cancel"])
+    parser.add_argument("probe", choices=["half-open", "client-ids", "create-cancel", "non-reading"])
     parser.add_argument("--repo", type=Path, default=REPO)
     parser.add_argument("--count", type=int, default=800)
     parser.add_argument("--wait", type=float, default=45.0)
@@ -142,11 +183,14 @@ def main() -> int:
     args = parser.parse_args()
     port = free_port()
     with tempfile.TemporaryDirectory() as out:
-        proc = start(args.repo, port, out, "--fake-step-s", "1", "--max-queue", "100000",
+        noise = ["--fake-noise"] if args.probe == "non-reading" else []
+        proc = start(args.repo, port, out, "--fake-step-s", "0" if noise else "1", *noise, "--max-queue", "100000",
                      "--max-queue-per-client", "100000", *args.flags.split())
         try:
             if args.probe == "half-open":
                 result = half_open(port, args.count, args.wait)
+            elif args.probe == "non-reading":
+                result = non_reading(port, proc.pid, args.count, args.wait)
             elif args.probe == "create-cancel":
                 result = asyncio.run(create_cancel(port, args.pairs, Path(out) / "jobs.sqlite3", args.settle))
             else:
@@ -154,7 +198,9 @@ def main() -> int:
         finally:
             proc.kill()
             proc.wait()
-    print(json.dumps({**result, "repo": str(args.repo)}))
+            log_text = (Path(out) / "server.log").read_text()
+            result_log = {"aborted_in_log": log_text.count("aborted a response")}
+    print(json.dumps({**result, **result_log, "repo": str(args.repo)}))
     return 0
 
 

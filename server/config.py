@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     # Connections (server.connections): a whole request within this many seconds, or closed;
     # open connections (HTTP and WebSocket) in total and per client address, beyond: 503.
     request_read_timeout_s: float = 15.0
+    send_timeout_s: float = 30.0  # a response the client reads nothing of for this long is dropped
     max_connections: int = 1000
     max_connections_per_address: int = 100
     # Retention (server.core.retention; single node): finished jobs with their images and links,

@@ -7,6 +7,9 @@
   (``max_connections``) and per client address (``max_connections_per_address``). Past it the
   connection is answered ``503`` in the OpenAI envelope with ``Retry-After`` and closed; a
   WebSocket handshake gets the same 503.
+- A send timeout: a response the client stops reading (the transport's buffer above its high-water
+  mark and shrinking by less than 64 KiB in ``send_timeout_s``) is aborted, which frees what the buffer holds
+  (a 14 MB base64 answer per non-reading client otherwise stays until the client leaves).
 - ``raise_nofile_limit``: the soft ``RLIMIT_NOFILE`` raised to the hard limit at startup, so the
   cap (not the kernel) is what refuses, with descriptors left for images and the database.
 
@@ -18,11 +21,13 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 
 from server.config import Settings
 
 log = logging.getLogger(__name__)
 FD_HEADROOM = 256  # descriptors kept for image files, SQLite, Redis, model files
+MIN_SEND_PROGRESS = 65_536  # bytes a client must take per send_timeout_s to count as reading
 REFUSAL_WAIT_S = 2.0  # how long a refused connection may take to send its request headers
 
 
@@ -73,8 +78,10 @@ class HTTPGuard:
 
     counter: ConnectionCounter
     timeout_s: float
+    send_timeout_s: float
     refused: bytes | None = None
     read_timer = None
+    send_timer = None
     armed_cycle = None
 
     def connection_made(self, transport) -> None:
@@ -109,6 +116,8 @@ class HTTPGuard:
     def read_timed_out(self) -> None:
         if self.transport.is_closing() or self.transport.get_protocol() is not self:
             return  # closed, or upgraded to a WebSocket (the WebSocket protocol owns it now)
+        if self.flow.write_paused:  # still delivering a response: the send timeout watches that
+            return self.arm()
         cycle = self.cycle
         if cycle is not None and cycle is not self.armed_cycle and not cycle.more_body:
             return  # the request arrived in full; its response re-arms the timer
@@ -122,9 +131,36 @@ class HTTPGuard:
         if not self.transport.is_closing():
             self.arm()
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.watch_send(unsent_bytes(self.transport))
+
+    def resume_writing(self) -> None:
+        if self.send_timer is not None:
+            self.send_timer.cancel()
+        super().resume_writing()
+
+    def watch_send(self, buffered: int) -> None:
+        self.send_timer = self.loop.call_later(self.send_timeout_s, self.send_stalled, buffered)
+
+    def send_stalled(self, buffered: int) -> None:
+        """The client has not read for ``send_timeout_s``: abort (``close`` would wait for the
+        buffer to drain, keeping it for as long as the client stays)."""
+        # Closing does not count: uvicorn closes an idle keep-alive connection with ``close``,
+        # which keeps the unsent buffer until it drains.
+        if self.transport.get_protocol() is not self or not self.flow.write_paused:
+            return
+        now = unsent_bytes(self.transport)
+        if buffered - now >= MIN_SEND_PROGRESS:  # slow, but reading (zero-window probes move a few bytes)
+            return self.watch_send(now)
+        log.warning("aborted a response to %s: the client read nothing for %.0f s (%d bytes unsent)", self.address,
+                 self.send_timeout_s, now)
+        self.transport.abort()
+
     def connection_lost(self, exc) -> None:
-        if self.read_timer is not None:
-            self.read_timer.cancel()
+        for timer in (self.read_timer, self.send_timer):
+            if timer is not None:
+                timer.cancel()
         self.counter.release(self.transport, self.address)
         super().connection_lost(exc)
 
@@ -147,9 +183,26 @@ def guarded_protocols(settings: Settings) -> tuple[type, type]:
 
     counter = ConnectionCounter(effective_max_connections(settings), settings.max_connections_per_address)
     http = type("GuardedHTTP", (HTTPGuard, AutoHTTPProtocol),
-                {"counter": counter, "timeout_s": settings.request_read_timeout_s})
+                {"counter": counter, "timeout_s": settings.request_read_timeout_s,
+                 "send_timeout_s": settings.send_timeout_s})
     ws = type("GuardedWebSocket", (WebSocketGuard, AutoWebSocketsProtocol), {"counter": counter})
     return http, ws
+
+
+def unsent_bytes(transport) -> int:
+    """What the client has not taken yet: the transport's buffer plus the kernel's send queue
+    (``SIOCOUTQ``). The sum falls only as the client reads; the transport's buffer alone also
+    falls while the kernel's send buffer grows (autotuning) for a client that reads nothing."""
+    unsent = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    try:
+        import fcntl
+        import termios
+
+        unsent += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except (ImportError, AttributeError, OSError, ValueError):
+        pass  # not Linux, or no socket: the transport's buffer alone
+    return unsent
 
 
 def effective_max_connections(settings: Settings) -> int:

@@ -22,8 +22,9 @@ def main(argv: list[str] | None = None, generator_class: type[FakeGenerator] = F
     parser.add_argument("--fake-upscale-s", type=float, default=0.0, help="seconds per image of the fake upscaler")
     parser.add_argument("--fake-upscale-tiles", type=int, default=1, help="tiles per image of the fake upscaler")
     parser.add_argument("--fake-upscale-tile-s", type=float, default=0.0, help="seconds per tile of the fake upscaler")
+    parser.add_argument("--fake-noise", action="store_true", help="noise images: incompressible, as large as real ones")
     known, rest = parser.parse_known_args(argv)
-    return server_main(rest, generator=generator_class(step_s=known.fake_step_s),
+    return server_main(rest, generator=generator_class(step_s=known.fake_step_s, noise=known.fake_noise),
                        upscaler=FakeUpscaler(delay_s=known.fake_upscale_s, tile_s=known.fake_upscale_tile_s,
                                              tiles=known.fake_upscale_tiles))
 

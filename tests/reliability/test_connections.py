@@ -7,6 +7,7 @@ startup. 127.0.0.2 and up stand in for other machines."""
 from __future__ import annotations
 
 import functools
+import json
 import resource
 import socket
 import subprocess
@@ -125,3 +126,32 @@ def test_the_open_file_limit_is_raised_at_startup(tmp_path):
     line = next(line for line in limits.splitlines() if line.startswith("Max open files"))
     raised = int(line.split()[3])
     assert raised > 256 and raised == (65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)), line
+
+
+BIG = {"prompt": "large answer", "size": "1024x1024", "n": 4, "seed": 5, "num_inference_steps": 1, "upscale": False}
+
+
+def test_a_client_that_does_not_read_is_dropped_after_the_send_timeout(tmp_path):
+    """A 4 x 1024^2 noise answer (~16 MB of base64) to clients that read nothing: after
+    ``send_timeout_s`` the server aborts each connection, which frees its buffer; a client that
+    reads gets the whole answer."""
+    body = json.dumps(BIG).encode()
+    request = (b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    with fake_server(tmp_path, "--fake-noise", "--send-timeout-s", "1") as server:
+        full = httpx.post(server.url + "/v1/images/generations", json=BIG, timeout=120)
+        length = int(full.headers["content-length"])
+        stalled = []
+        for _ in range(5):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # reads nothing, buffers little
+            sock.settimeout(TIMEOUT)
+            sock.connect(("127.0.0.1", server.port))
+            sock.sendall(request)
+            stalled.append(sock)
+        aborted = wait_until(lambda: server.output().count("aborted a response") >= 5, timeout=60)
+        received = [len(read_until_closed(sock)) for sock in stalled]
+        for sock in stalled:
+            sock.close()
+    assert full.status_code == 200 and length > 15_000_000 and len(full.json()["data"]) == 4
+    assert aborted and all(0 < size < length for size in received), (received, length)
