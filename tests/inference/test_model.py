@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import weakref
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,7 +74,7 @@ def mse(a, b) -> float:
 
 def test_importing_model_module_does_not_import_torch():
     code = "import sys, server.model, server.inference.previews, server.inference.tiny_models; sys.exit('torch' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], cwd=str(Path(__file__).resolve().parents[2]))
     assert result.returncode == 0
 
 
