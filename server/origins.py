@@ -26,7 +26,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from server.config import Settings
 from server.openai_api.schemas import ErrorBody, ErrorEnvelope
 from server.ws import schemas as wire
-from server.ws.sessions import CLOSE_FORBIDDEN
+from server.ws.outbox import CLOSE_FORBIDDEN
 
 log = logging.getLogger(__name__)
 LOCALHOST_ORIGINS = r"^https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?$"

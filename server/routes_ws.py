@@ -34,8 +34,8 @@ from server.core.profiles import get_profile
 from server.core.spec import JobSpec, Limits, SpecInput, normalize
 from server.ws import edits as ws_edits
 from server.origins import origin_allowed
-from server.ws.sessions import (CLOSE_BAD_REQUEST, CLOSE_FORBIDDEN, CLOSE_TOO_MANY, CLOSE_UNAUTHORIZED,
-                                MAX_CONNECTIONS_PER_CLIENT, Connection, Renderer, Session, SessionRegistry)
+from server.ws.outbox import CLOSE_BAD_REQUEST, CLOSE_FORBIDDEN, CLOSE_TOO_MANY, CLOSE_UNAUTHORIZED, Connection
+from server.ws.sessions import MAX_CONNECTIONS_PER_CLIENT, Renderer, Session, SessionRegistry
 
 log = logging.getLogger(__name__)
 CLIENT_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")

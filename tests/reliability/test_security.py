@@ -18,7 +18,7 @@ from websockets.exceptions import ConnectionClosed
 from server import auth
 from server.config import Settings
 from server.testing.fakes import FakeGenerator, FakeUpscaler
-from server.ws.sessions import CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED
+from server.ws.outbox import CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED
 from tests.conftest import SHARED_CACHE, ServerProcess
 from tests.reliability.helpers import TIMEOUT, WsClient, assert_no_leak, live, run, wait_until, ws_client
 

@@ -19,7 +19,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from server.testing.fakes import FakeGenerator, FakeUpscaler
-from server.ws.sessions import CLOSE_UNAUTHORIZED
+from server.ws.outbox import CLOSE_UNAUTHORIZED
 from tests.conftest import http_get, live, run_async, terminal_record, wait_until
 
 MMSS = re.compile(r"^\d{2,}:\d{2}$")

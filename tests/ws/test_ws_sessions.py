@@ -6,7 +6,7 @@ import asyncio
 import json
 
 from server.core.jobs import JobStatus
-from server.ws.sessions import BACKLOG, Connection, ConnState
+from server.ws.outbox import BACKLOG, Connection, ConnState
 from tests.conftest import run_async as run
 
 TIMEOUT = 10.0
