@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError, ResponseError
@@ -25,8 +24,9 @@ from server.cluster import scripts
 from server.core.fairness import DrainEstimate, queue_full, requester_full
 from server.cluster.codec import GROUP, Keys, client_list_name, client_name, connect, default_node_id, pairs, preview_event, reader_client, record_from_hash
 from server.cluster.streams import FeedReader
-from server.core.engine import scoped_job_id
+from server.core.lru import LruCache
 from server.core.ports import EngineConfig, Submission
+from server.core.spec import scoped_job_id
 from server.core.errors import JobNotCancellable, JobNotFound, QueueFull, ShuttingDown
 from server.core.events import EventKind, JobEvent, Subscriber
 from server.core.jobs import JobRecord
@@ -82,7 +82,7 @@ class RedisEngine:
         self._running = 0
         self.drain = DrainEstimate()  # seconds per job, from the queue's movement (for Retry-After)
         self._stats_task: asyncio.Task | None = None
-        self._last_events: OrderedDict[str, str] = OrderedDict()  # job id -> id of its last status event
+        self._last_events: LruCache[str, str] = LruCache(10_000)  # job id -> id of its last status event
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -132,7 +132,7 @@ class RedisEngine:
             raise requester_full(limit, self.drain.retry_after(int(extra[0])))
         fields = pairs(flat)
         record = record_from_hash(job_id, fields)
-        self._remember(job_id, fields.get("last_event", "0-0"))
+        self._last_events.put(job_id, fields.get("last_event", "0-0"))
         if code == "created":
             log.info("job %s: queued (%s %dx%d, %d steps, n=%d)", job_id[:12], spec.model, spec.width, spec.height,
                      spec.steps, spec.n)
@@ -177,7 +177,7 @@ class RedisEngine:
         fields = await self.redis.hgetall(self.keys.job(job_id))
         if not fields or (owner is not None and fields.get("owner") != owner):
             raise JobNotFound(f"no job with id '{job_id}'", param="job_id")
-        self._remember(job_id, fields.get("last_event", "0-0"))
+        self._last_events.put(job_id, fields.get("last_event", "0-0"))
         return record_from_hash(job_id, fields)
 
     async def client_jobs(self, client_id: str, owner: str | None = None) -> list[JobRecord]:
@@ -246,11 +246,6 @@ class RedisEngine:
         code, flat = await self._cancel(args=args)
         return code, flat
 
-    def _remember(self, job_id: str, event_id: str) -> None:
-        self._last_events[job_id] = event_id
-        self._last_events.move_to_end(job_id)
-        while len(self._last_events) > 10_000:
-            self._last_events.popitem(last=False)
 
 
 def _spec_json(spec: JobSpec) -> str:

@@ -8,41 +8,30 @@ its runner drives (``move``, ``finish``, ``publish_step``).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
-from collections import OrderedDict
 from dataclasses import replace
 
 from server.core import files
-from server.core.errors import JobNotCancellable, JobNotFound, QueueFull, ShuttingDown, StorageUnavailable
+from server.core.errors import JobNotCancellable, JobNotFound, ShuttingDown, StorageUnavailable
 from server.core.events import EventHub, EventKind, JobEvent, Subscriber
-from server.core.fairness import DrainEstimate, RequesterLedger, queue_full, requester_full
+from server.core.fairness import check_capacity, DrainEstimate, RequesterLedger
 from server.core.generation import Generator, Upscaler
 from server.core.jobs import JobRecord
+from server.core.lru import LruCache
 from server.core.locks import KeyedLocks
 from server.core.ports import ActiveJob, EngineConfig, Submission
-from server.core.runner import JobRunner, report_finished, upscale_stopped
-from server.core.spec import JobSpec
-from server.core.states import CANCELLABLE, FAILURE_MESSAGES, FailureCode, JobStatus
+from server.core.runner import JobRunner, report_finished, shutdown_outcome
+from server.core.spec import JobSpec, scoped_job_id
+from server.core.states import FAILURE_MESSAGES, STOPPABLE, FailureCode, JobStatus
 from server.core.store import JobStore
 
 log = logging.getLogger(__name__)
 SHUTDOWN_REASON = FAILURE_MESSAGES[FailureCode.SHUTDOWN]
-# What a cancel can stop: also a generated job's upscale (the job then completes with its image and
-# ``upscale_error``; its status never becomes cancelled, the image exists).
-STOPPABLE = CANCELLABLE | {JobStatus.GENERATED}
 STOP_WAIT_S = 3.0  # after the grace period: a step or an upscale tile ends well within this
 DRAIN_S = 1.0  # then the time open streams get to send the final events just announced
 
 __all__ = ["ActiveJob", "EngineConfig", "JobEngine", "Submission", "scoped_job_id"]
-
-
-def scoped_job_id(spec: JobSpec, owner: str | None) -> str:
-    """The job id: the spec's hash, or, when API keys scope jobs, a hash of owner and spec hash."""
-    if owner is None:
-        return spec.job_id
-    return hashlib.sha256(f"{owner}:{spec.job_id}".encode()).hexdigest()
 
 
 class JobEngine:
@@ -53,7 +42,7 @@ class JobEngine:
         self.store = store
         self.hub = EventHub()
         self._active: dict[str, ActiveJob] = {}
-        self._finished: OrderedDict[str, JobRecord] = OrderedDict()
+        self._finished: LruCache[str, JobRecord] = LruCache(config.finished_cache_size)
         self._submit_locks = KeyedLocks()
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._seq = 0
@@ -86,7 +75,7 @@ class JobEngine:
             if record.status.is_terminal:
                 log.warning("job %s: %s after restart (%s)", record.job_id[:12], record.status.value,
                             record.error or record.result.upscale_error)
-                self._remember(record)
+                self._finished.put(record.job_id, record)
                 continue
             self._enqueue(ActiveJob(record=record, recovered=True))
             log.warning("job %s: queued again after restart (%s, attempt %d)", record.job_id[:12],
@@ -110,15 +99,12 @@ class JobEngine:
         await asyncio.shield(self._stopping)
 
     async def _stop(self, grace_s: float) -> None:
-        """Pending jobs fail at once; after ``grace_s`` the others are stopped (generation within a
-        step, an upscale within a tile: a generated job completes without its upscale, a
-        processing one fails), and whatever is still unfinished ``STOP_WAIT_S`` later is ended
-        the same way, so every stream and client gets a final status; then streams get
-        ``DRAIN_S`` to send it before the server closes connections."""
+        """Pending jobs fail at once; after ``grace_s`` the others are stopped (a step, a tile) and
+        whatever is unfinished ``STOP_WAIT_S`` later is ended (``runner.shutdown_outcome``), so every
+        client gets a final status; streams then get ``DRAIN_S`` to send it."""
         self._accepting = False
-        for active in list(self._active.values()):
-            if active.record.status is JobStatus.PENDING:
-                await self.finish(active, JobStatus.FAILED, error=SHUTDOWN_REASON, failure=FailureCode.SHUTDOWN)
+        for active in [a for a in self._active.values() if a.record.status is JobStatus.PENDING]:
+            await self.finish(active, **shutdown_outcome(active.record))
         if not await self._wait_idle(grace_s):
             for active in list(self._active.values()):
                 active.request_cancel(FailureCode.SHUTDOWN)
@@ -128,12 +114,7 @@ class JobEngine:
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._runner.shutdown()
         for active in list(self._active.values()):  # a step or tile outlasted the wait; its thread ends on its own
-            result = active.record.result
-            if active.record.status is JobStatus.GENERATED and result is not None:
-                await self.finish(active, JobStatus.COMPLETED,
-                                  result=replace(result, upscale_error=upscale_stopped(FailureCode.SHUTDOWN)))
-            else:
-                await self.finish(active, JobStatus.FAILED, error=SHUTDOWN_REASON, failure=FailureCode.SHUTDOWN)
+            await self.finish(active, **shutdown_outcome(active.record))
         deadline = time.monotonic() + DRAIN_S
         while self.hub.subscriber_count() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)  # streams close their subscriber once their final event is sent
@@ -231,22 +212,7 @@ class JobEngine:
         return Submission(record, True, subscriber)
 
     def _check_capacity(self, interest: str, requester: str | None) -> None:
-        """Global queue limit, then the per-client ones: per interest (a WebSocket client id, or an
-        anonymous connection's own id; a withdrawn interest no longer counts) and per requester,
-        who the client is (``core.fairness``: API key, else address), over every job it created.
-        Retry-After: the drain time until a slot is expected to be free."""
-        limit = self.config.max_queue_per_client
-        pending = sum(1 for a in self._active.values() if a.record.status is JobStatus.PENDING)
-        if pending >= self.config.max_queue:
-            raise queue_full(self.config.max_queue, self.drain.retry_after(0))
-        if sum(interest in a.interests for a in self._active.values()) >= limit:
-            raise QueueFull(f"this client already has {limit} unfinished jobs", code="client_queue_full",
-                            retry_after_s=self.drain.retry_after(pending))
-        mine = self._requesters.unfinished(requester, self._active) if requester else ()
-        if len(mine) >= limit:
-            first = min(self._active[job_id].enqueued_seq for job_id in mine)
-            ahead = sum(1 for a in self._active.values() if a.enqueued_seq < first)
-            raise requester_full(limit, self.drain.retry_after(ahead))
+        check_capacity(self._active, self.config, self._requesters, self.drain, interest, requester)
 
     async def _link(self, active: ActiveJob, client_id: str | None) -> None:
         if client_id and client_id not in active.client_ids:
@@ -284,14 +250,11 @@ class JobEngine:
     # -- queries -----------------------------------------------------------------------------
 
     async def _lookup(self, job_id: str) -> JobRecord | None:
-        if job_id in self._active:
-            return self._active[job_id].record
-        if job_id in self._finished:
-            self._finished.move_to_end(job_id)
-            return self._finished[job_id]
+        if job_id in self._active or job_id in self._finished:
+            return self._active[job_id].record if job_id in self._active else self._finished.get(job_id)
         record = await self.store.get(job_id)
         if record is not None and record.status.is_terminal:
-            self._remember(record)
+            self._finished.put(record.job_id, record)
         return record
 
     async def get(self, job_id: str, owner: str | None = None) -> JobRecord:
@@ -301,9 +264,8 @@ class JobEngine:
         return record
 
     async def client_jobs(self, client_id: str, owner: str | None = None) -> list[JobRecord]:
-        records = await self.store.client_jobs(client_id, owner)
-        fresh = [self._active[r.job_id].record if r.job_id in self._active else r for r in records]
-        return [r for r in fresh if owner is None or r.owner == owner]
+        records = await self.store.client_jobs(client_id, owner)  # filtered by owner before the limit
+        return [self._active[r.job_id].record if r.job_id in self._active else r for r in records]
 
     def forget(self, job_ids: list[str]) -> None:
         """Drop finished records from the in-memory cache (retention deleted them)."""
@@ -395,7 +357,7 @@ class JobEngine:
             self.drain.observe(time.monotonic() - active.started_at)
         record = await self.move(active, status, **changes)
         active.status_history.clear()
-        self._remember(record)
+        self._finished.put(record.job_id, record)
         self._idle.set()
         report_finished(record, self.metrics)
         return record
@@ -419,12 +381,6 @@ class JobEngine:
         event = JobEvent(EventKind.STATUS, record.job_id, record=record)
         self.hub.publish(event)
         return event
-
-    def _remember(self, record: JobRecord) -> None:
-        self._finished[record.job_id] = record
-        self._finished.move_to_end(record.job_id)
-        while len(self._finished) > self.config.finished_cache_size:
-            self._finished.popitem(last=False)
 
     async def _worker(self) -> None:
         while True:

@@ -14,9 +14,11 @@ that must finish before the refused client would get a slot.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from server.core.errors import QueueFull
+from server.core.ports import ActiveJob, EngineConfig
+from server.core.states import JobStatus
 
 INITIAL_JOB_S = 2.0  # before any job was observed
 MAX_RETRY_AFTER_S = 3600
@@ -84,3 +86,23 @@ class RequesterLedger:
 
     def __len__(self) -> int:
         return len(self._by_job)
+
+
+def check_capacity(active: Mapping[str, ActiveJob], config: EngineConfig, requesters: RequesterLedger,
+                   drain: DrainEstimate, interest: str, requester: str | None) -> None:
+    """Raise ``QueueFull`` unless one more job may be queued: the global queue limit, then the
+    per-client ones: per interest (a WebSocket client id, or an anonymous connection's own id; a
+    withdrawn interest no longer counts) and per requester, who the client is (API key, else
+    address), over every job it created. Retry-After: the drain time until a slot should be free."""
+    limit = config.max_queue_per_client
+    pending = sum(1 for a in active.values() if a.record.status is JobStatus.PENDING)
+    if pending >= config.max_queue:
+        raise queue_full(config.max_queue, drain.retry_after(0))
+    if sum(interest in a.interests for a in active.values()) >= limit:
+        raise QueueFull(f"this client already has {limit} unfinished jobs", code="client_queue_full",
+                        retry_after_s=drain.retry_after(pending))
+    mine = requesters.unfinished(requester, active) if requester else ()
+    if len(mine) >= limit:
+        first = min(active[job_id].enqueued_seq for job_id in mine)
+        ahead = sum(1 for a in active.values() if a.enqueued_seq < first)
+        raise requester_full(limit, drain.retry_after(ahead))

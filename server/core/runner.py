@@ -229,6 +229,15 @@ def upscale_stopped(cause: FailureCode) -> str:
     return f"upscaling stopped: {FAILURE_MESSAGES.get(cause, cause.value)}"
 
 
+def shutdown_outcome(record: JobRecord) -> dict:
+    """``finish`` arguments for a job the server stops: a generated job completes with its image
+    (its upscale stopped); any other fails with ``SHUTDOWN``."""
+    if record.status is JobStatus.GENERATED and record.result is not None:
+        return dict(status=JobStatus.COMPLETED,
+                    result=replace(record.result, upscale_error=upscale_stopped(FailureCode.SHUTDOWN)))
+    return dict(status=JobStatus.FAILED, error=FAILURE_MESSAGES[FailureCode.SHUTDOWN], failure=FailureCode.SHUTDOWN)
+
+
 def report_finished(record: JobRecord, metrics) -> None:
     """The one log line and metric of a job reaching a terminal status (every host calls it)."""
     if metrics is not None:

@@ -205,3 +205,10 @@ def _checked_size(value: int | None, profile: ModelProfile, param: str) -> int:
             param=param,
         )
     return size
+
+
+def scoped_job_id(spec: JobSpec, owner: str | None) -> str:
+    """The job id: the spec's hash, or, when API keys scope jobs, a hash of owner and spec hash."""
+    if owner is None:
+        return spec.job_id
+    return hashlib.sha256(f"{owner}:{spec.job_id}".encode()).hexdigest()

@@ -56,6 +56,10 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.CANCELLED: frozenset({JobStatus.PENDING}),  # resubmission
 }
 
+# What a cancel can stop: the cancellable statuses, and a generated job's upscale (that job then
+# completes with its image and ``upscale_error``: its status never becomes cancelled).
+STOPPABLE = CANCELLABLE | {JobStatus.GENERATED}
+
 # Order of statuses within one attempt: a later rank is newer news (terminal ones tie).
 RANK: dict[JobStatus, int] = {JobStatus.PENDING: 0, JobStatus.PROCESSING: 1, JobStatus.GENERATED: 2,
                               JobStatus.COMPLETED: 3, JobStatus.FAILED: 3, JobStatus.CANCELLED: 3}
