@@ -4,6 +4,7 @@
     python bench/abuse_probe.py client-ids --ids 5 --per-id 13       # jobs one address can queue
     python bench/abuse_probe.py create-cancel --pairs 10000          # job database after create/cancel
     python bench/abuse_probe.py non-reading --count 40 --wait 45     # server RSS, clients of a 16 MB answer
+    python bench/abuse_probe.py reencode --count 6                   # CPU of lossless webp re-encodes
     python bench/abuse_probe.py ... --repo /path/to/other/checkout   # the same probe, another version
     python bench/abuse_probe.py ... --flags="--retention-unstarted-s 5" # extra server flags
 
@@ -169,9 +170,52 @@ def non_reading(port: int, pid: int, count: int, wait: float) -> dict:
             "rss_peak_mb": peak, "rss_after_wait_mb": after, "wait_s": wait, "dropped_by_server": dropped}
 
 
+def cpu_s(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def reencode(port: int, pid: int, count: int) -> dict:
+    """``count`` concurrent resumes of a finished 4 x 1024^2 job as lossless webp; the server's CPU
+    seconds for them and the latency of an unrelated small request sent meanwhile."""
+    import threading
+    import urllib.request
+
+    base = f"http://127.0.0.1:{port}"
+
+    def post(body: dict) -> bytes:
+        request = urllib.request.Request(base + "/v1/images/generations", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        return urllib.request.urlopen(request, timeout=600).read()
+
+    big = json.loads(post({"prompt": "large answer", "size": "1024x1024", "n": 4, "seed": 5,
+                           "num_inference_steps": 1, "upscale": False}))
+    small = {"prompt": "small", "size": "64x64", "seed": 1, "num_inference_steps": 1, "upscale": False}
+    post(small)
+
+    def timed_small() -> float:
+        started = time.monotonic()
+        post(small)
+        return time.monotonic() - started
+
+    idle = min(timed_small() for _ in range(3))
+    url = f"{base}/v1/images/jobs/{big['job_id']}/events?output_format=webp&output_compression=100"
+    cpu_before, started = cpu_s(pid), time.monotonic()
+    threads = [threading.Thread(target=lambda: urllib.request.urlopen(url, timeout=600).read()) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)  # let the re-encodes begin: the figure is a request's latency *during* them
+    busy = timed_small()
+    for thread in threads:
+        thread.join()
+    return {"probe": "reencode", "concurrent_gets": count, "server_cpu_s": round(cpu_s(pid) - cpu_before, 1),
+            "wall_s": round(time.monotonic() - started, 1), "small_request_idle_s": round(idle, 3),
+            "small_request_during_s": round(busy, 3)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("probe", choices=["half-open", "client-ids", "create-cancel", "non-reading"])
+    parser.add_argument("probe", choices=["half-open", "client-ids", "create-cancel", "non-reading", "reencode"])
     parser.add_argument("--repo", type=Path, default=REPO)
     parser.add_argument("--count", type=int, default=800)
     parser.add_argument("--wait", type=float, default=45.0)
@@ -183,12 +227,14 @@ def main() -> int:
     args = parser.parse_args()
     port = free_port()
     with tempfile.TemporaryDirectory() as out:
-        noise = ["--fake-noise"] if args.probe == "non-reading" else []
+        noise = ["--fake-noise"] if args.probe in ("non-reading", "reencode") else []
         proc = start(args.repo, port, out, "--fake-step-s", "0" if noise else "1", *noise, "--max-queue", "100000",
                      "--max-queue-per-client", "100000", *args.flags.split())
         try:
             if args.probe == "half-open":
                 result = half_open(port, args.count, args.wait)
+            elif args.probe == "reencode":
+                result = reencode(port, proc.pid, args.count)
             elif args.probe == "non-reading":
                 result = non_reading(port, proc.pid, args.count, args.wait)
             elif args.probe == "create-cancel":

@@ -16,6 +16,7 @@ from server.config import Settings
 from server.core.loras import LoraDirectory
 from server.core.generation import Generator
 from server.metrics import Metrics
+from server.openai_api.variants import VariantCache
 from server.origins import add_cors, add_host_check
 
 # NO_UPSCALER and build_catalog are re-exported: tests and benchmarks import them from here.
@@ -32,6 +33,7 @@ def create_app(settings: Settings, generator: Generator | None = None, upscaler=
                   lifespan=lifespan(settings, catalog, metrics, generator, upscaler))
     app.state.settings, app.state.catalog, app.state.metrics = settings, catalog, metrics
     app.state.loras = LoraDirectory(settings.lora_dir)  # what requests may name (GET /v1/loras)
+    app.state.variants = VariantCache(settings.variant_cache_bytes, settings.max_concurrent_encodes, metrics)
     _add_body_limit(app, settings)
     add_cors(app, settings)  # outside the body limit, so even a 413 carries the CORS headers
     add_host_check(app, settings)  # outermost: a request for a foreign Host name reaches nothing

@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     # open connections (HTTP and WebSocket) in total and per client address, beyond: 503.
     request_read_timeout_s: float = 15.0
     send_timeout_s: float = 30.0  # a response the client reads nothing of for this long is dropped
+    # Finished images re-encoded as jpeg/webp: cached up to this many bytes; at most this many
+    # encodes at once (more wait), so repeat requests cost no CPU and a flood cannot take every core.
+    variant_cache_bytes: int = 256 * 1024**2
+    max_concurrent_encodes: int = 1
     max_connections: int = 1000
     max_connections_per_address: int = 100
     # Retention (server.core.retention; single node): finished jobs with their images and links,

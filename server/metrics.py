@@ -21,6 +21,8 @@ class Metrics:
                                          buckets=LATENCY_BUCKETS, registry=self.registry)
         self.sse_streams = Gauge("t2i_active_sse_streams", "Open SSE streams", registry=self.registry)
         self.ws_connections = Gauge("t2i_websocket_connections", "Open WebSocket connections", registry=self.registry)
+        self.variant_lookups = Counter("t2i_image_variant_lookups", "Re-encoded (jpeg/webp) image lookups",
+                                       ["outcome"], registry=self.registry)
         self.engine = None  # bound once the engine exists (the lifespan)
         self.retention = None  # server.core.retention.Retention, single node only
         self.registry.register(_EngineCollector(self))

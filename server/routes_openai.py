@@ -181,7 +181,7 @@ def stream_response(request: Request, plan: Plan, subscriber: Subscriber, intere
     dialect = StepDialect(ctx) if plan.partial_images is None else OpenAIDialect(ctx, plan.partial_images)
 
     async def load(record: JobRecord) -> list[FinalImage]:
-        return await final_images(state.settings, record, plan.output_format, plan.compression)
+        return await final_images(state.settings, record, plan.output_format, plan.compression, state.variants)
 
     withdrawn = False
 
@@ -216,7 +216,8 @@ async def images_response(request: Request, plan: Plan, record: JobRecord) -> Im
                           upscaled_url=base + img.upscaled_filename if img.upscaled_filename else None)
                 for img, seed in zip(result.images, result.seeds)]
     else:
-        finals = await final_images(settings, record, plan.output_format, plan.compression)
+        finals = await final_images(settings, record, plan.output_format, plan.compression,
+                                    request.app.state.variants)
         data = [ImageData(b64_json=f.b64, upscaled_b64_json=f.upscaled_b64, seed=f.seed) for f in finals]
     return ImagesResponse(created=int(record.updated_at), data=data, size=plan.size, output_format=plan.output_format,
                           quality=plan.quality, usage=usage_for(plan.spec), job_id=record.job_id,

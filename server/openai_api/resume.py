@@ -75,7 +75,7 @@ async def resume_job_events(job_id: str, request: Request,
                         created_at=int(record.created_at or time.time()))
 
     async def load(final: JobRecord) -> list[FinalImage]:
-        return await final_images(state.settings, final, output_format, output_compression)
+        return await final_images(state.settings, final, output_format, output_compression, state.variants)
 
     async def events():
         state.metrics.sse_streams.inc()

@@ -14,6 +14,7 @@ from server.core.jobs import JobRecord
 from server.core.spec import JobSpec
 from server.core.states import FailureCode, JobStatus
 from server.openai_api.schemas import ErrorEnvelope, InputTokensDetails, Usage
+from server.openai_api.variants import VariantCache
 from server.streaming import FinalImage
 
 ERRORS = {status: {"model": ErrorEnvelope} for status in (400, 401, 404, 429, 500, 503)}
@@ -48,21 +49,36 @@ def job_failure(record: JobRecord) -> ServerError:
     return FAILURE_ERRORS.get(record.failure, GenerationFailed)(reason)
 
 
-async def final_images(settings: Settings, record: JobRecord, fmt: str, compression: int) -> list[FinalImage]:
-    """The job's images (and upscaled images) as base64 in ``fmt``; file work runs off the loop."""
+async def final_images(settings: Settings, record: JobRecord, fmt: str, compression: int,
+                       variants: VariantCache | None = None) -> list[FinalImage]:
+    """The job's images (and upscaled images) as base64 in ``fmt``; file work runs off the loop.
+    Re-encoded variants come from ``variants`` when cached; a miss waits for an encode slot."""
 
     def load() -> list[FinalImage]:
         out = []
         for index, (img, seed) in enumerate(zip(record.result.images, record.result.seeds)):
-            upscaled = _read_b64(settings, img.upscaled_filename, fmt, compression) if img.upscaled_filename else None
-            out.append(FinalImage(index, _read_b64(settings, img.filename, fmt, compression), seed, upscaled))
+            upscaled = (_read_b64(settings, img.upscaled_filename, fmt, compression, variants)
+                        if img.upscaled_filename else None)
+            out.append(FinalImage(index, _read_b64(settings, img.filename, fmt, compression, variants), seed, upscaled))
         return out
 
-    return await asyncio.to_thread(load)
+    names = [name for img in record.result.images for name in (img.filename, img.upscaled_filename) if name]
+    if fmt == "png" or variants is None or variants.has_all([(name, fmt, compression) for name in names]):
+        return await asyncio.to_thread(load)
+    async with variants.slots:
+        return await asyncio.to_thread(load)
 
 
-def _read_b64(settings: Settings, filename: str, fmt: str, compression: int) -> str:
+def _read_b64(settings: Settings, filename: str, fmt: str, compression: int,
+              variants: VariantCache | None = None) -> str:
     path = files.resolve_output(settings.output_dir, filename)
     if path is None:
         raise NotFound("The job's image file is no longer available; generate it again with another seed.")
-    return files.to_b64(files.read_as(path, fmt, compression))
+    if fmt == "png" or variants is None:
+        return files.to_b64(files.read_as(path, fmt, compression))
+    key = (filename, fmt, compression)
+    data = variants.get(key)
+    if data is None:
+        data = files.read_as(path, fmt, compression)
+        variants.put(key, data)
+    return files.to_b64(data)
