@@ -5,6 +5,7 @@
     python bench/abuse_probe.py create-cancel --pairs 10000          # job database after create/cancel
     python bench/abuse_probe.py non-reading --count 40 --wait 45     # server RSS, clients of a 16 MB answer
     python bench/abuse_probe.py reencode --count 6                   # CPU of lossless webp re-encodes
+    python bench/abuse_probe.py padded --count 50 --junk 32000       # RSS of waiting requests padded with {}
     python bench/abuse_probe.py ... --repo /path/to/other/checkout   # the same probe, another version
     python bench/abuse_probe.py ... --flags="--retention-unstarted-s 5" # extra server flags
 
@@ -213,15 +214,40 @@ def reencode(port: int, pid: int, count: int) -> dict:
             "small_request_during_s": round(busy, 3)}
 
 
+def padded(port: int, pid: int, count: int, junk: int, wait: float) -> dict:
+    """``count`` identical requests for a slow job, each padded with ``junk`` empty objects in an
+    ignored field, left waiting; the server's RSS before and ``wait`` s later."""
+    body = json.dumps({"prompt": "p", "size": "64x64", "seed": 1, "num_inference_steps": 100,
+                       "junk": [{}] * junk}).encode()
+    request = (b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    before = rss_mb(pid)
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port))
+        try:
+            sock.sendall(request)
+        except OSError:
+            pass  # refused (413) while still sending
+        socks.append(sock)
+    time.sleep(wait)  # the figure is the RSS while they wait
+    after = rss_mb(pid)
+    for sock in socks:
+        sock.close()
+    return {"probe": "padded", "requests": count, "body_bytes": len(body), "rss_before_mb": before,
+            "rss_waiting_mb": after, "wait_s": wait}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("probe", choices=["half-open", "client-ids", "create-cancel", "non-reading", "reencode"])
+    parser.add_argument("probe", choices=["half-open", "client-ids", "create-cancel", "non-reading", "reencode", "padded"])
     parser.add_argument("--repo", type=Path, default=REPO)
     parser.add_argument("--count", type=int, default=800)
     parser.add_argument("--wait", type=float, default=45.0)
     parser.add_argument("--ids", type=int, default=5)
     parser.add_argument("--per-id", type=int, default=13)
     parser.add_argument("--pairs", type=int, default=10_000)
+    parser.add_argument("--junk", type=int, default=32_000)
     parser.add_argument("--settle", type=float, default=10.0)
     parser.add_argument("--flags", default="", help="extra server flags, space-separated")
     args = parser.parse_args()
@@ -233,6 +259,8 @@ def main() -> int:
         try:
             if args.probe == "half-open":
                 result = half_open(port, args.count, args.wait)
+            elif args.probe == "padded":
+                result = padded(port, proc.pid, args.count, args.junk, min(args.wait, 8.0))
             elif args.probe == "reencode":
                 result = reencode(port, proc.pid, args.count)
             elif args.probe == "non-reading":

@@ -72,7 +72,9 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = 30.0
     sse_ping_s: float = 15.0
     ws_max_frame_bytes: int = 1_048_576
-    max_body_bytes: int = 1_048_576  # HTTP request bodies; larger ones get 413
+    # JSON request bodies; larger ones get 413. A generation request is a few kB (two 4000-character
+    # prompts, escaped, stay under 100 kB); 1 MiB of `{}` in an ignored field was ~19 MB parsed.
+    max_body_bytes: int = 131_072
     log_level: str = "INFO"
     # LoRA adapters (README "LoRA adapters"): *.safetensors files in this directory, by file name;
     # None: the feature is off. Per request up to max_loras; loaded adapters are kept (least recently

@@ -140,3 +140,20 @@ def test_jobs_per_client_and_total_queue_limits(tmp_path):
     assert http_full.status_code == 429 and http_full.headers["retry-after"].isdigit()
     assert http_full.json()["error"]["code"] == "queue_full" and "retry in" in http_full.json()["error"]["message"]
     assert extra["code"] in ("queue_full", "client_queue_full")
+
+
+def test_default_body_limit_fits_the_largest_request_but_not_padding(tmp_path):
+    """1 MiB of ``{}`` in an ignored field was ~19 MB of parsed JSON per waiting request (150 of
+    them held 3.3 GB): the default limit is 128 KiB, which still fits the largest valid request
+    (two 4000-character prompts of emoji, sent with every character escaped)."""
+    with live(tmp_path) as server:
+        padded = json.dumps({"prompt": "padded", "size": "64x64", "junk": [{}] * 260_000}).encode()
+        refused = httpx.post(server.url + URL, content=padded, headers={"content-type": "application/json"},
+                             timeout=TIMEOUT)
+        largest = json.dumps({"prompt": "\U0001F338" * 4000, "negative_prompt": "\U0001F30A" * 4000,
+                              "size": "64x64", "num_inference_steps": 1}, ensure_ascii=True).encode()
+        accepted = httpx.post(server.url + URL, content=largest, headers={"content-type": "application/json"},
+                              timeout=TIMEOUT)
+    assert len(padded) > 1_000_000 and refused.status_code == 413
+    assert refused.json()["error"]["code"] == "request_too_large"
+    assert len(largest) > 90_000 and accepted.status_code == 200, accepted.text[:300]
