@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import io
 import json
+import random
 
 import pytest
 from PIL import Image
 
-from tests.e2e.test_web_client import CHROMIUM, browser, fill_form, open_ui, page  # noqa: F401 - fixtures
+from tests.e2e import test_web_client as web
+from tests.e2e.test_web_client import CHROMIUM, fill_form, open_ui
 
+browser, page = web.browser, web.page  # the page's fixtures: Chromium, a context with src recording, screenshots
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's /usr/bin/chromium")
 
 SIDE = 64
@@ -171,3 +174,18 @@ def test_after_a_reload_the_latest_job_panes_show_the_newest_finished_job(page, 
     assert pixels(page, "job-original-img")[2][0] == (*colour(12), 255)
     assert page.evaluate("document.querySelector('#upscaled-img').naturalWidth") == SIDE * 4
     assert not page.is_disabled("#edit-use-last")  # the listed job is also the last result to edit
+
+
+def test_an_input_too_large_for_one_websocket_message_is_refused_with_advice(page, fake_server):
+    sent = record_ws_frames(page)
+    noise = Image.frombytes("RGB", (640, 640), random.Random(1).randbytes(640 * 640 * 3))  # ~1.2 MB as PNG
+    out = io.BytesIO()
+    noise.save(out, format="PNG")
+    open_ui(page, fake_server)
+    page.set_input_files("#edit-file", files=[{"name": "big.png", "mimeType": "image/png", "buffer": out.getvalue()}])
+    page.wait_for_function("!document.querySelector('#edit-run').disabled")
+    page.check("#mode-jobs")
+    page.click("#edit-run")
+    page.wait_for_selector("#error", state="visible")
+    assert "too large for one WebSocket message" in page.text_content("#error")
+    assert not any(m.get("type") == "create_job" for m in sent)
