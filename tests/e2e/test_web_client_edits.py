@@ -176,16 +176,21 @@ def test_after_a_reload_the_latest_job_panes_show_the_newest_finished_job(page, 
     assert not page.is_disabled("#edit-use-last")  # the listed job is also the last result to edit
 
 
-def test_an_input_too_large_for_one_websocket_message_is_refused_with_advice(page, fake_server):
+def test_unusable_inputs_are_refused_with_advice(page, fake_server):
     sent = record_ws_frames(page)
+    open_ui(page, fake_server)
+    page.set_input_files("#edit-file", files=[{"name": "notes.png", "mimeType": "image/png", "buffer": b"not a picture"}])
+    page.wait_for_selector("#error", state="visible")
+    assert "cannot read notes.png as an image" in page.text_content("#error")
+    assert page.is_disabled("#edit-run") and page.text_content("#edit-info") == "no image"
+
     noise = Image.frombytes("RGB", (640, 640), random.Random(1).randbytes(640 * 640 * 3))  # ~1.2 MB as PNG
     out = io.BytesIO()
     noise.save(out, format="PNG")
-    open_ui(page, fake_server)
     page.set_input_files("#edit-file", files=[{"name": "big.png", "mimeType": "image/png", "buffer": out.getvalue()}])
     page.wait_for_function("!document.querySelector('#edit-run').disabled")
     page.check("#mode-jobs")
     page.click("#edit-run")
-    page.wait_for_selector("#error", state="visible")
-    assert "too large for one WebSocket message" in page.text_content("#error")
+    page.wait_for_function("document.querySelector('#error').textContent.includes('too large for one WebSocket message')")
+    assert page.is_visible("#error")
     assert not any(m.get("type") == "create_job" for m in sent)
