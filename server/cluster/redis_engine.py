@@ -120,7 +120,7 @@ class RedisEngine:
         job_id = scoped_job_id(spec, owner)
         args = [self.options.prefix, GROUP, job_id, repr(time.time()), _spec_json(spec), owner or "", interest,
                 client_list_name(client_id, owner) if client_id else "", self.config.max_queue, self.config.max_queue_per_client, self.options.event_maxlen,
-                requester or ""]
+                requester or "", self.options.result_ttl_s]
         code, flat, preview, *extra = await self._submit(args=args)
         limit = self.config.max_queue_per_client
         if code == "full":

@@ -69,7 +69,7 @@ local function finish(id, status, err, failure, now, ttl, maxlen)
 end
 """
 
-# ARGV: P GROUP id now spec owner interest client max_queue max_per_interest maxlen [requester]
+# ARGV: P GROUP id now spec owner interest client max_queue max_per_interest maxlen [requester] [list ttl]
 # -> {code, hash-as-flat-list, preview-hash-as-flat-list[, jobs ahead]}
 # A requester (core.fairness: API key or address) may have max_per_interest unfinished jobs it
 # created, in set rq:{requester}; finished ones are dropped from it lazily, here.
@@ -78,7 +78,14 @@ local id, now, interest, client = ARGV[3], ARGV[4], ARGV[7], ARGV[8]
 local key = jk(id)
 local st = redis.call('HGET', key, 'status')
 local function link(active)
-  if client ~= '' then redis.call('ZADD', P .. 'cl:' .. client, 'NX', now, id) end
+  if client ~= '' then
+    -- A client's list keeps its newest 200 jobs (what get_client_jobs shows) and expires with the
+    -- results, so made-up client ids cannot grow Redis without bound.
+    local cl = P .. 'cl:' .. client
+    redis.call('ZADD', cl, 'NX', now, id)
+    redis.call('ZREMRANGEBYRANK', cl, 0, -201)
+    if ARGV[13] and ARGV[13] ~= '' then redis.call('EXPIRE', cl, ARGV[13]) end
+  end
   if active then
     redis.call('SADD', P .. 'int:' .. id, interest)
     redis.call('SADD', P .. 'ia:' .. interest, id)

@@ -190,3 +190,23 @@ def test_requester_limit_counts_created_jobs_whatever_the_interest(backend, tmp_
     refused, joined, elsewhere, again = asyncio.run(scenario())
     assert refused.code == "client_queue_full" and refused.retry_after_s >= 1
     assert not joined.created and elsewhere.created and again.created
+
+
+def test_redis_client_lists_are_capped_and_expire(tmp_path):
+    """Client job lists in Redis keep their newest 200 entries and expire with the results, so
+    fresh or busy client ids cannot grow Redis without bound (issue 16)."""
+    async def scenario():
+        gate = threading.Event()
+        async with engine_for("redis", tmp_path, FakeGenerator(gate=gate)) as engine:
+            for seed in range(210):
+                submitted = await engine.submit(spec("listed", seed=seed), interest="a", client_id="busy",
+                                                subscribe=False)
+                await engine.cancel(submitted.record.job_id, "a")
+            key = engine.keys.client("busy")
+            size, ttl = await engine.redis.zcard(key), await engine.redis.ttl(key)
+            newest = (await engine.client_jobs("busy"))[0].job_id
+            gate.set()
+            return size, ttl, newest, submitted.record.job_id, engine.options.result_ttl_s
+
+    size, ttl, newest, last, result_ttl = asyncio.run(scenario())
+    assert size == 200 and 0 < ttl <= result_ttl and newest == last
