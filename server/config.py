@@ -75,6 +75,8 @@ class Settings(BaseSettings):
     # JSON request bodies; larger ones get 413. A generation request is a few kB (two 4000-character
     # prompts, escaped, stay under 100 kB); 1 MiB of `{}` in an ignored field was ~19 MB parsed.
     max_body_bytes: int = 131_072
+    max_upload_bytes: int = 26_214_400  # multipart bodies of /v1/images/edits and /variations; larger: 413
+    max_input_pixels: int = 16_777_216  # an edit's input image or mask (4096x4096); checked before decoding
     log_level: str = "INFO"
     # LoRA adapters (README "LoRA adapters"): *.safetensors files in this directory, by file name;
     # None: the feature is off. Per request up to max_loras; loaded adapters are kept (least recently
@@ -85,8 +87,6 @@ class Settings(BaseSettings):
     max_loaded_lora_bytes: int = 2_147_483_648
     # Scale-out (docs/scale-out.md). None: the single-node embedded mode (SQLite + in-process queue).
     backend: str | None = None  # e.g. "redis://127.0.0.1:6379/0" (Redis >= 7.0 or Valkey >= 7.2)
-    max_upload_bytes: int = 26_214_400  # multipart bodies of /v1/images/edits and /variations; larger: 413
-    max_input_pixels: int = 16_777_216  # an edit's input image or mask (4096x4096); checked before decoding
     role: Literal["all", "api", "worker"] = "all"  # with a backend: API node, GPU worker, or both in one process
     node_id: str | None = None  # this process's consumer name in the queue; default: host-pid-random
     reclaim_idle_ms: int = 60_000  # a job whose worker shows no GPU progress this long is taken over
