@@ -21,10 +21,11 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from server.core.errors import GenerationFailed, InvalidRequest, JobCancelled, ModelLoadError, OutOfMemory, ServerError
-from server.core.generation import CancelCheck, GenerationRequest, StepCallback, StepUpdate
+from server.core.generation import CancelCheck, GenerationRequest, StepCallback
 from server.core.profiles import ModelProfile, get_profile
 from server.inference import edits
 from server.inference.loras import Adapters
+from server.inference.steps import StepTracker
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -47,49 +48,6 @@ def _is_oom(exc: BaseException) -> bool:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
-class _StepTracker:
-    """The ``callback_on_step_end`` of one image: cancellation, x0 previews, step updates.
-
-    Keeps the previous latents (starting with the initial noise) because x0 needs two consecutive
-    latents. Raises ``JobCancelled`` at a step boundary, which aborts the pipeline before its decode.
-    """
-
-    def __init__(self, request: GenerationRequest, image_index: int, initial_latents: Any,
-                 on_step: StepCallback, is_cancelled: CancelCheck):
-        self.request = request
-        self.image_index = image_index
-        self.prev_latents = initial_latents
-        self.on_step = on_step
-        self.is_cancelled = is_cancelled
-        self.sigmas: list[float] | None = None
-
-    def __call__(self, pipe: Any, i: int, _t: Any, callback_kwargs: dict) -> dict:
-        if self.is_cancelled():
-            raise JobCancelled()
-        from server.inference.previews import estimate_x0, render_preview
-
-        latents = callback_kwargs["latents"]
-        step, total = i + 1, self.request.steps_run
-        preview = None
-        interval = max(1, self.request.preview_interval)
-        if self.request.preview_method != "none" and (step % interval == 0 or step == total):
-            if self.sigmas is None:  # one device->host copy per image, not per step
-                # An edit starts part-way down the schedule (img2img/inpaint set the begin index).
-                begin = getattr(pipe.scheduler, "begin_index", None) or 0
-                self.sigmas = [float(s) for s in pipe.scheduler.sigmas[begin:]]
-            if self.prev_latents is None:  # an edit's first step: its starting latents are the pipeline's own
-                x0 = latents.float()
-            else:
-                x0 = estimate_x0(self.prev_latents, latents, self.sigmas[i], self.sigmas[i + 1])
-            preview = render_preview(self.request.preview_method, pipe, x0, self.request.preview_max_side)
-        self.prev_latents = latents
-        self.on_step(StepUpdate(image_index=self.image_index, step=step, total_steps=total, preview=preview))
-        # Checked again so a cancel that arrived during this step costs no further transformer pass.
-        if self.is_cancelled():
-            raise JobCancelled()
-        return callback_kwargs
 
 
 class DiffusersGenerator:
@@ -163,6 +121,12 @@ class DiffusersGenerator:
         """The resident diffusers pipeline for ``model``/``variant``, loading it if needed."""
         profile = get_profile(model)
         return self._ensure_loaded(profile, self._resolve_variant(profile, variant))
+
+    def edit_pipeline_for(self, model: str, variant: str | None = None, masked: bool = False) -> Any:
+        """The img2img (or, ``masked``, inpaint) pipeline over the resident ``model``/``variant``."""
+        profile = get_profile(model)
+        resolved = self._resolve_variant(profile, variant)
+        return self._edit_pipeline(profile, resolved, self.pipeline_for(model, variant), masked)
 
     def unload_all(self) -> None:
         """Drop every resident pipeline and free cached device memory."""
@@ -374,7 +338,7 @@ class DiffusersGenerator:
                     kwargs["latents"] = self._initial_latents(pipe, request, generator)
                 else:  # the pipeline makes the starting latents from the image
                     kwargs.update(edits.pipeline_kwargs(edit, request))
-                kwargs["callback_on_step_end"] = _StepTracker(request, index, kwargs.get("latents"), on_step, is_cancelled)
+                kwargs["callback_on_step_end"] = StepTracker(request, index, kwargs.get("latents"), on_step, is_cancelled)
                 if profile.supports_negative_prompt and request.negative_prompt:
                     kwargs["negative_prompt"] = [request.negative_prompt]
                 image = pipe(**kwargs).images[0].convert("RGB")

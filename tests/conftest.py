@@ -153,7 +153,8 @@ def tiny_server(tmp_path_factory):
 class ServerProcess:
     """``python -m server ...`` as a real child process on a free port; ready when /health answers."""
 
-    def __init__(self, *args: str, env: dict | None = None, port: int | None = None):
+    def __init__(self, *args: str, env: dict | None = None, port: int | None = None, popen=None):
+        """``popen``: a stand-in for ``subprocess.Popen`` (e.g. with resource limits for the child)."""
         import subprocess
         import sys
 
@@ -162,7 +163,7 @@ class ServerProcess:
         self.ws_url = f"ws://127.0.0.1:{self.port}"
         self.args = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(self.port), *args]
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "SDNQ_USE_TORCH_COMPILE": "0", **(env or {})}
-        self._popen = subprocess.Popen
+        self._popen = popen or subprocess.Popen
         self.proc = None
 
     def start(self, timeout: float = 120.0) -> "ServerProcess":

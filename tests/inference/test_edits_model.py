@@ -63,7 +63,7 @@ def test_img2img_runs_steps_times_strength_with_previews_on_the_same_weights(gen
     assert [(u.step, u.total_steps) for u in updates] == [(s, 6) for s in range(1, 7)]  # 9 x 0.6 -> 6
     assert all(u.preview is not None for u in updates)
     base = generator.pipeline_for("tiny-z-image")
-    derived = generator._edit_pipes[("tiny-z-image", "fp32", "ZImageImg2ImgPipeline")]
+    derived = generator.edit_pipeline_for("tiny-z-image")
     assert type(derived).__name__ == "ZImageImg2ImgPipeline"
     assert derived.transformer is base.transformer and derived.vae is base.vae  # from_pipe: no second copy
 

@@ -26,10 +26,9 @@ PARTIAL_BODY = PARTIAL_HEADERS + b"Content-Type: application/json\r\n\r\n" + b'{
 
 
 def fake_server(tmp_path, *flags: str, **popen) -> ServerProcess:
-    server = ServerProcess("--output-dir", str(tmp_path / "out"), "--cache-dir", str(SHARED_CACHE), *flags)
+    server = ServerProcess("--output-dir", str(tmp_path / "out"), "--cache-dir", str(SHARED_CACHE), *flags,
+                           popen=functools.partial(subprocess.Popen, **popen) if popen else None)
     server.args[1:3] = ["-m", "server.testing.serve"]
-    if popen:
-        server._popen = functools.partial(subprocess.Popen, **popen)
     return server
 
 
