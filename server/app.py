@@ -83,6 +83,11 @@ def _add_body_limit(app: FastAPI, settings: Settings) -> None:
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, upload_bytes=settings.max_upload_bytes,
                        upload_paths=UPLOAD_PATHS)
+    from server.openai_api.admission import AnswerLimitMiddleware
+
+    # Outside the body limit: a refused request is answered before its body is read.
+    app.add_middleware(AnswerLimitMiddleware, max_total=settings.max_image_requests,
+                       max_per_address=settings.max_image_requests_per_address)
 
 
 def _add_routes(app: FastAPI) -> None:

@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     variant_cache_bytes: int = 256 * 1024**2
     max_concurrent_encodes: int = 1
     max_connections: int = 1000
+    # Image requests (generations, edits, variations, stream resumes) being waited on or answered
+    # at once, cached answers included; beyond: 503 (total) / 429 (per address), Retry-After 2.
+    max_image_requests: int = 256
+    max_image_requests_per_address: int = 64
     max_connections_per_address: int = 100
     # Retention (server.core.retention; single node): finished jobs with their images and links,
     # jobs that never made an image, the image size budget (oldest first, never younger than

@@ -31,11 +31,12 @@ from dataclasses import dataclass
 
 from PIL import Image
 from pydantic import BaseModel
-from sse_starlette import ServerSentEvent
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from server.core import files
 from server.core.errors import ServerError
 from server.core.events import EventKind, PreviewImage, Subscriber
+from server.openai_api.b64body import Piece, Slots, pieces
 from server.openai_api.errors import SERVER, error_body
 from server.core.jobs import JobRecord, JobStatus
 from server.openai_api.schemas import CompletedEvent, ErrorBody, ErrorEvent, PartialImageEvent, StepEvent, Usage
@@ -66,7 +67,7 @@ class StreamContext:
 @dataclass(frozen=True)
 class FinalImage:
     index: int
-    b64: str  # in the stream's output format
+    b64: str  # in the stream's output format; from ``final_images``: a token of its ``Slots``
     seed: int | None = None
     upscaled_b64: str | None = None
 
@@ -203,16 +204,19 @@ def with_event_id(items: list[ServerSentEvent], event_id: str | None) -> list[Se
 
 
 async def job_events(subscriber: Subscriber, dialect: Dialect,
-                     load_final: Callable[[JobRecord], Awaitable[list[FinalImage]]],
-                     failure: Callable[[JobRecord], ServerError]) -> AsyncIterator[ServerSentEvent]:
+                     load_final: Callable[[JobRecord], Awaitable[tuple[list[FinalImage], Slots]]],
+                     failure: Callable[[JobRecord], ServerError]) -> AsyncIterator[ServerSentEvent | bytes]:
     """The stream of one job for one dialect, until (and including) its last event.
 
     Progress events are not sent (previews carry the progress); the terminal status decides
-    between the final events and one in-band error. The caller closes the subscriber.
+    between the final events and one in-band error. Final events come as bytes in pieces, their
+    base64 made while they are sent (``b64body``; send them with ``GatedEventSourceResponse``).
+    The caller closes the subscriber.
     """
     # First bytes at once, even while the job waits for the GPU: a comment, which every SSE client
     # skips, so neither dialect's events change (issue #7, time to first byte).
     yield ServerSentEvent(comment=f"job {subscriber.job_id}", sep=SEP)
+    open_event = False
     try:
         async for event in subscriber:
             if event.kind is EventKind.PREVIEW and event.preview is not None:
@@ -220,16 +224,61 @@ async def job_events(subscriber: Subscriber, dialect: Dialect,
                     yield item
             elif event.is_terminal:
                 record = event.record
-                if record.status is JobStatus.COMPLETED:
-                    items = dialect.completed(await load_final(record))
-                else:
-                    items = [error_event(error_body(failure(record)))]
-                for item in with_event_id(items, event.event_id):
-                    yield item
+                if record.status is not JobStatus.COMPLETED:
+                    yield with_event_id([error_event(error_body(failure(record)))], event.event_id)[0]
+                    return
+                finals, slots = await load_final(record)
+                for item in with_event_id(dialect.completed(finals), event.event_id):
+                    async for piece in pieces(slots.parts(item.encode().decode())):
+                        open_event = isinstance(piece, Piece)
+                        yield piece
                 return
     except ServerError as exc:
+        if open_event:  # half an event is on the wire: nothing can follow it; the connection ends
+            raise
         log.warning("job %s: stream ended with an error: %s", subscriber.job_id[:12], exc.message)
         yield error_event(error_body(exc))
     except Exception:  # after the 200 an error can only travel in-band
+        if open_event:
+            raise
         log.exception("job %s: the stream failed", subscriber.job_id[:12])
         yield error_event(ErrorBody(message="internal server error", type=SERVER, code="internal_error"))
+
+
+class EventGate:
+    """Keeps heartbeats out of an event sent in pieces (``b64body.Piece``): sse_starlette sends its
+    pings from another task, between any two body chunks, and one inside an event would corrupt it.
+    A ping due while an event is open is dropped: the event's own bytes are traffic enough."""
+
+    def __init__(self) -> None:
+        self.open = False
+        self._ping = ping_event().encode()
+
+    def guard(self, send):
+        async def guarded(message) -> None:
+            if self.open and message.get("body") == self._ping:
+                return
+            await send(message)
+        return guarded
+
+    async def watch(self, items: AsyncIterator) -> AsyncIterator:
+        """``items`` as they are; an event counts as open from its first piece until its last
+        piece was sent (the response asks for the next item only after sending this one)."""
+        try:
+            async for item in items:
+                self.open = self.open or isinstance(item, Piece)
+                yield item
+                self.open = isinstance(item, Piece)
+        finally:  # run the source's cleanup now, not whenever it is collected
+            await items.aclose()
+
+
+class GatedEventSourceResponse(EventSourceResponse):
+    """``EventSourceResponse`` for ``job_events``: its heartbeats never land inside an event."""
+
+    def __init__(self, content: AsyncIterator, **kwargs) -> None:
+        self.gate = EventGate()
+        super().__init__(self.gate.watch(content), ping_message_factory=ping_event, sep=SEP, **kwargs)
+
+    async def __call__(self, scope, receive, send) -> None:
+        await super().__call__(scope, receive, self.gate.guard(send))

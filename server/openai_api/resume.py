@@ -30,7 +30,6 @@ from typing import Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response
-from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 
 from server.auth import require_owner
@@ -39,7 +38,8 @@ from server.core.events import Subscriber
 from server.core.jobs import JobRecord
 from server.core.ports import Engine
 from server.openai_api.serving import ERRORS, final_images, job_failure, usage_for
-from server.streaming import FinalImage, StepDialect, StreamContext, job_events, ping_event
+from server.openai_api.b64body import Slots
+from server.streaming import FinalImage, GatedEventSourceResponse, StepDialect, StreamContext, job_events
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -74,7 +74,7 @@ async def resume_job_events(job_id: str, request: Request,
                         output_format=output_format, compression=output_compression, usage=usage_for(spec),
                         created_at=int(record.created_at or time.time()))
 
-    async def load(final: JobRecord) -> list[FinalImage]:
+    async def load(final: JobRecord) -> tuple[list[FinalImage], Slots]:
         return await final_images(state.settings, final, output_format, output_compression, state.variants)
 
     async def events():
@@ -87,6 +87,5 @@ async def resume_job_events(job_id: str, request: Request,
             subscriber.close()
 
     # ``close`` is idempotent; the background task covers a client gone before the generator started.
-    return EventSourceResponse(events(), ping=state.settings.sse_ping_s, ping_message_factory=ping_event,
-                               headers={"Cache-Control": "no-cache"}, sep="\n",
-                               background=BackgroundTask(subscriber.close))
+    return GatedEventSourceResponse(events(), ping=state.settings.sse_ping_s, headers={"Cache-Control": "no-cache"},
+                                    background=BackgroundTask(subscriber.close))

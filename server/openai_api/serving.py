@@ -13,6 +13,7 @@ from server.core.errors import AdapterRejected, GenerationFailed, NotFound, OutO
 from server.core.jobs import JobRecord
 from server.core.spec import JobSpec
 from server.core.states import FailureCode, JobStatus
+from server.openai_api.b64body import Slots, Source
 from server.openai_api.schemas import ErrorEnvelope, InputTokensDetails, Usage
 from server.openai_api.variants import VariantCache
 from server.streaming import FinalImage
@@ -50,35 +51,42 @@ def job_failure(record: JobRecord) -> ServerError:
 
 
 async def final_images(settings: Settings, record: JobRecord, fmt: str, compression: int,
-                       variants: VariantCache | None = None) -> list[FinalImage]:
-    """The job's images (and upscaled images) as base64 in ``fmt``; file work runs off the loop.
-    Re-encoded variants come from ``variants`` when cached; a miss waits for an encode slot."""
+                       variants: VariantCache | None = None) -> tuple[list[FinalImage], Slots]:
+    """The job's images (and upscaled images) in ``fmt``, each base64 field a placeholder token of
+    the returned ``Slots`` (``b64body``): the answer is rendered with the tokens and its base64 made
+    while it is sent. PNG streams from the stored file; re-encoded variants come from ``variants``
+    when cached, a miss waits for an encode slot. Raises ``NotFound`` before anything is sent when
+    a file is gone. File work runs off the loop."""
+    slots = Slots()
 
     def load() -> list[FinalImage]:
         out = []
         for index, (img, seed) in enumerate(zip(record.result.images, record.result.seeds)):
-            upscaled = (_read_b64(settings, img.upscaled_filename, fmt, compression, variants)
+            upscaled = (slots.add(_source(settings, img.upscaled_filename, fmt, compression, variants))
                         if img.upscaled_filename else None)
-            out.append(FinalImage(index, _read_b64(settings, img.filename, fmt, compression, variants), seed, upscaled))
+            out.append(FinalImage(index, slots.add(_source(settings, img.filename, fmt, compression, variants)),
+                                  seed, upscaled))
         return out
 
     names = [name for img in record.result.images for name in (img.filename, img.upscaled_filename) if name]
     if fmt == "png" or variants is None or variants.has_all([(name, fmt, compression) for name in names]):
-        return await asyncio.to_thread(load)
+        return await asyncio.to_thread(load), slots
     async with variants.slots:
-        return await asyncio.to_thread(load)
+        return await asyncio.to_thread(load), slots
 
 
-def _read_b64(settings: Settings, filename: str, fmt: str, compression: int,
-              variants: VariantCache | None = None) -> str:
+def _source(settings: Settings, filename: str, fmt: str, compression: int,
+            variants: VariantCache | None = None) -> Source:
     path = files.resolve_output(settings.output_dir, filename)
     if path is None:
         raise NotFound("The job's image file is no longer available; generate it again with another seed.")
-    if fmt == "png" or variants is None:
-        return files.to_b64(files.read_as(path, fmt, compression))
+    if fmt == "png":
+        return Source.of_file(path)
+    if variants is None:
+        return Source.of_bytes(files.read_as(path, fmt, compression))
     key = (filename, fmt, compression)
     data = variants.get(key)
     if data is None:
         data = files.read_as(path, fmt, compression)
         variants.put(key, data)
-    return files.to_b64(data)
+    return Source.of_bytes(data)
