@@ -81,6 +81,26 @@ def finished_by_status(metrics) -> dict[str, int]:
             for sample in family.samples if sample.name == "t2i_jobs_finished_total"}
 
 
+@contextlib.contextmanager
+def tmpfs(tmp_path: Path, size: str):
+    """A tmpfs of ``size`` (e.g. "2m") under ``tmp_path``: a real ENOSPC from the kernel on the real
+    write path. Root only: skips the test where it cannot be mounted."""
+    import shutil
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode()[:100]}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)])
+
+
 def wait_until(predicate, timeout: float = 15.0) -> bool:
     """Poll ``predicate`` at 20 Hz for server-side state that has no event to wait on."""
     deadline = time.monotonic() + timeout

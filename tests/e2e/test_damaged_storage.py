@@ -5,7 +5,6 @@ the file, the problem and the remedy; never a traceback, and the damaged file is
 from __future__ import annotations
 
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REPO, SHARED_CACHE, ServerProcess
+from tests.conftest import REPO, SHARED_CACHE, ServerProcess, tmpfs
 
 
 def start(out: Path) -> subprocess.CompletedProcess:
@@ -95,17 +94,8 @@ def test_moving_the_damaged_database_aside_starts_fresh(tmp_path):
 @pytest.fixture
 def small_disk(tmp_path):
     """A 2 MiB tmpfs (root only): ENOSPC from the kernel, as on a real full disk."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode()[:100]}")
-    try:
+    with tmpfs(tmp_path, "2m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)])
 
 
 def fill(directory: Path) -> None:

@@ -7,11 +7,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import os
-import shutil
 import socket
 import struct
-import subprocess
 import threading
 from pathlib import Path
 
@@ -19,7 +16,7 @@ import httpx
 import pytest
 
 from server.testing.fakes import FakeGenerator, FakeUpscaler
-from tests.conftest import finished_by_status
+from tests.conftest import finished_by_status, tmpfs
 from tests.reliability.helpers import (TIMEOUT, live, resources, run, settle, wait_until, ws_client)
 
 URL = "/v1/images/generations"
@@ -158,17 +155,8 @@ def test_oom_in_upscaling_keeps_the_image_and_the_next_upscale_succeeds(tmp_path
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 320 KiB tmpfs (root only): a real ENOSPC from the kernel on the real write path."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode()[:100]}")
-    try:
+    with tmpfs(tmp_path, "320k") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)])
 
 
 def _files(directory: Path) -> set[str]:
