@@ -139,7 +139,10 @@ def test_image_requests_are_capped_per_address_and_in_total(tmp_path):
 
 
 def wait_for_requests(server, count: int) -> bool:
-    """Until the total cap is reached: a probe from a fourth address, answered from the cache while
-    there is room, gets 503 once all ``count`` slots are held."""
-    small = {"prompt": "capped", "size": "64x64", "seed": 1, "num_inference_steps": 2, "upscale": False}
-    return wait_until(lambda: post_from(server, "127.0.0.4", small).status_code == 503, TIMEOUT)
+    """Until ``count`` requests wait on the held job (each subscribes once admitted, so its slot is
+    held). Probing with requests instead would take a slot itself and could refuse a late arrival."""
+
+    async def waiting() -> int:
+        return server.engine.hub.subscriber_count()
+
+    return wait_until(lambda: server.call(waiting()) == count, TIMEOUT)
