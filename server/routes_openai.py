@@ -13,7 +13,6 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import replace
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -21,7 +20,7 @@ from fastapi.responses import Response
 from starlette.background import BackgroundTask
 
 from server.auth import client_host, require_owner
-from server.core.catalog import Catalog, is_dalle_name
+from server.core.catalog import Catalog
 from server.core.profiles import ModelProfile
 from server.config import Settings
 from server.core.errors import InvalidRequest, NotFound
@@ -32,10 +31,11 @@ from server.openai_api.errors import document_errors, install_error_handlers
 from server.core.jobs import JobRecord, JobStatus
 from server.openai_api.schemas import (ErrorEnvelope, ImageData, ImageGenerationRequest, ImagesResponse,
                                    ModelList, ModelObject)
-from server.core.spec import Limits, SpecInput, normalize
+from server.core.loras import LoraRef
+from server.core.spec import SpecInput
 from server.openai_api.edits import EDITS_PATH, VARIATIONS_PATH, plan_edit
 from server.openai_api.loras import router as loras_router
-from server.openai_api.plans import Plan
+from server.openai_api.plans import Plan, normalize_wire, plan_delivery
 from server.openai_api.resume import router as resume_router
 from server.openai_api.b64body import Slots, json_answer
 from server.openai_api.serving import ERRORS, final_images, job_failure, usage_for
@@ -50,8 +50,10 @@ SIZE_PARAMS = {"width": "size", "height": "size", "steps": "num_inference_steps"
 TOO_LARGE = {413: {"model": ErrorEnvelope, "description": "The body is larger than max_body_bytes"}}
 
 
-def plan_request(body: ImageGenerationRequest, catalog: Catalog, settings: Settings) -> Plan:
-    """Map the wire request onto a ``JobSpec``; raises ``InvalidRequest`` naming the wire param."""
+def plan_request(body: ImageGenerationRequest, catalog: Catalog, settings: Settings,
+                 loras: tuple[LoraRef, ...] = ()) -> Plan:
+    """Map the wire request onto a ``JobSpec``; raises ``InvalidRequest`` naming the wire param.
+    ``loras``: the request's adapters, already checked and pinned (``core.loras.resolve_async``)."""
     if body.background == "transparent":
         raise InvalidRequest("Transparent backgrounds are not supported; use 'opaque' or 'auto'.", param="background")
     profile = catalog.resolve(body.model)
@@ -59,21 +61,8 @@ def plan_request(body: ImageGenerationRequest, catalog: Catalog, settings: Setti
     given = SpecInput(prompt=body.prompt, model=profile.model_id, model_type=body.model_type,
                       negative_prompt=body.negative_prompt, width=width, height=height, steps=body.num_inference_steps,
                       guidance_scale=body.guidance_scale, seed=body.seed, n=1 if body.n is None else body.n,
-                      upscale=bool(body.upscale))
-    limits = Limits(max_prompt_chars=settings.max_prompt_chars, max_n=settings.max_n,
-                    preview_method=settings.preview_method, preview_percent=settings.preview_percent)
-    try:
-        spec = normalize(given, profile, limits)
-    except InvalidRequest as exc:  # the spec's names are not the wire's: report the wire's
-        if exc.param in SIZE_PARAMS:
-            raise InvalidRequest(exc.message, param=SIZE_PARAMS[exc.param]) from None
-        raise
-    response_format = body.response_format or ("url" if is_dalle_name(body.model) else "b64_json")
-    return Plan(spec=spec, size=f"{spec.width}x{spec.height}", quality=body.quality or "auto",
-                response_format=response_format,
-                output_format="png" if response_format == "url" else (body.output_format or "png"),
-                compression=100 if body.output_compression is None else body.output_compression,
-                stream=bool(body.stream), partial_images=body.partial_images)
+                      upscale=bool(body.upscale), loras=loras)
+    return plan_delivery(body, normalize_wire(given, profile, settings))
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
@@ -96,10 +85,9 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
 async def create_images(body: ImageGenerationRequest, request: Request,
                         owner: str | None = Depends(require_owner)) -> Response:
     state = request.app.state
-    plan = plan_request(body, state.catalog, state.settings)
-    profile = state.catalog.resolve(plan.spec.model)
-    loras = await resolve_async(state.loras, body.loras, profile, plan.spec.model_type, state.settings.max_loras)
-    return await serve_plan(request, replace(plan, spec=replace(plan.spec, loras=loras)), owner)
+    profile = state.catalog.resolve(body.model)
+    loras = await resolve_async(state.loras, body.loras, profile, body.model_type, state.settings.max_loras)
+    return await serve_plan(request, plan_request(body, state.catalog, state.settings, loras), owner)
 
 
 @router.post(EDITS_PATH.removeprefix("/v1"), response_model=None, summary="Edit an image (OpenAI-compatible)",

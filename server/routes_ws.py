@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from fastapi import FastAPI, WebSocket
@@ -29,8 +29,7 @@ from server.core.errors import AuthenticationFailed, InvalidRequest, ServerError
 from server.core.fairness import requester_for
 from server.core.jobs import JobStatus
 from server.core.inputs import EditInputs, fit_size
-from server.core.loras import resolve_async
-from server.core.profiles import get_profile
+from server.core.loras import LoraRef, resolve_async
 from server.core.spec import JobSpec, Limits, SpecInput, normalize
 from server.ws import edits as ws_edits
 from server.origins import origin_allowed
@@ -92,9 +91,11 @@ def _invalid_from_validation(exc: ValidationError) -> InvalidRequest:
 
 # -- handlers -------------------------------------------------------------------------------------
 
-def spec_from_message(message: wire.CreateJob, app, stored: EditInputs | None = None) -> JobSpec:
+def spec_from_message(message: wire.CreateJob, app, stored: EditInputs | None = None,
+                      loras: tuple[LoraRef, ...] = ()) -> JobSpec:
     """The one place a create_job request becomes a ``JobSpec`` (profile defaults filled in);
-    ``stored``: an image_to_image job's inputs (``server.ws.edits.ingest``)."""
+    ``stored``: an image_to_image job's inputs (``server.ws.edits.ingest``); ``loras``: its adapters,
+    checked and pinned (``core.loras.resolve_async``)."""
     params, settings = message.params, app.state.settings
     profile = app.state.catalog.resolve(params.model)
     width, height = params.width, params.height
@@ -105,7 +106,7 @@ def spec_from_message(message: wire.CreateJob, app, stored: EditInputs | None = 
                       steps=params.steps, guidance_scale=params.guidance_scale, seed=params.seed, n=1,
                       upscale=params.upscale, task_type=message.task_type,
                       image_sha=stored.image_sha if stored else None, mask_sha=stored.mask_sha if stored else None,
-                      strength=params.strength)
+                      strength=params.strength, loras=loras)
     limits = Limits(max_prompt_chars=settings.max_prompt_chars, max_n=settings.max_n,
                     preview_method=settings.preview_method, preview_percent=settings.preview_percent)
     return normalize(given, profile, limits)
@@ -113,10 +114,10 @@ def spec_from_message(message: wire.CreateJob, app, stored: EditInputs | None = 
 
 async def create_job(ctx: Context, message: wire.CreateJob) -> None:
     """Reply with the job's current status (a duplicate joins the existing job), then follow it."""
-    spec = spec_from_message(message, ctx.websocket.app, await ws_edits.ingest(message, ctx.settings))
-    loras = await resolve_async(ctx.websocket.app.state.loras, message.params.loras,
-                                get_profile(spec.model), spec.model_type, ctx.settings.max_loras)
-    spec = replace(spec, loras=loras)
+    app = ctx.websocket.app
+    loras = await resolve_async(app.state.loras, message.params.loras, app.state.catalog.resolve(message.params.model),
+                                message.params.model_type, ctx.settings.max_loras)
+    spec = spec_from_message(message, app, await ws_edits.ingest(message, ctx.settings), loras)
     session = ctx.session
     submission = await ctx.engine.submit(spec, interest=session.interest, client_id=session.client_id,
                                          owner=session.owner, subscribe=True,

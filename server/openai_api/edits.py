@@ -26,12 +26,12 @@ from starlette.exceptions import HTTPException
 
 from server.config import Settings
 from server.core import inputs
-from server.core.catalog import Catalog, is_dalle_name
+from server.core.catalog import Catalog
 from server.core.errors import InvalidRequest
 from server.core.loras import resolve_async
 from server.core.profiles import ModelProfile
 from server.core.spec import TASK_IMAGE_TO_IMAGE, SpecInput
-from server.openai_api.plans import Plan, normalize_wire
+from server.openai_api.plans import Plan, normalize_wire, plan_delivery
 from server.openai_api.schemas import ImageEditRequest
 from server.streaming import EDIT
 
@@ -68,12 +68,7 @@ async def plan_edit(request: Request, catalog: Catalog, settings: Settings, vari
                       image_sha=stored.image_sha, mask_sha=stored.mask_sha, strength=body.strength,
                       input_fidelity=body.input_fidelity, loras=loras)
     spec = normalize_wire(given, profile, settings)
-    response_format = body.response_format or ("url" if is_dalle_name(body.model) else "b64_json")
-    return Plan(spec=spec, size=f"{spec.width}x{spec.height}", quality=body.quality or "auto",
-                response_format=response_format,
-                output_format="png" if response_format == "url" else (body.output_format or "png"),
-                compression=100 if body.output_compression is None else body.output_compression,
-                stream=bool(body.stream), partial_images=body.partial_images, family=EDIT)
+    return plan_delivery(body, spec, family=EDIT)
 
 
 async def _read_form(request: Request) -> FormData:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from server.config import Settings
+from server.core.catalog import is_dalle_name
 from server.core.errors import InvalidRequest
 from server.core.profiles import ModelProfile
 from server.core.spec import JobSpec, Limits, SpecInput, normalize
@@ -28,6 +29,17 @@ class Plan:
     stream: bool
     partial_images: int | None
     family: str = GENERATION  # the OpenAI stream events' prefix: image_generation | image_edit
+
+
+def plan_delivery(body, spec: JobSpec, family: str = GENERATION) -> Plan:
+    """The ``Plan`` of ``spec`` for a wire request (generation or edit): OpenAI's response_format
+    default (``url`` for dall-e names, else ``b64_json``), format, compression and streaming."""
+    response_format = body.response_format or ("url" if is_dalle_name(body.model) else "b64_json")
+    return Plan(spec=spec, size=f"{spec.width}x{spec.height}", quality=body.quality or "auto",
+                response_format=response_format,
+                output_format="png" if response_format == "url" else (body.output_format or "png"),
+                compression=100 if body.output_compression is None else body.output_compression,
+                stream=bool(body.stream), partial_images=body.partial_images, family=family)
 
 
 def normalize_wire(given: SpecInput, profile: ModelProfile, settings: Settings) -> JobSpec:
