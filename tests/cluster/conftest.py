@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cluster import lua as lua_scripts
 from tests.conftest import REPO, ServerProcess, free_port
 
 redis = pytest.importorskip("redis")
@@ -172,3 +173,10 @@ def cluster_factory(tmp_path):
     yield make
     for cluster in made:
         cluster.stop()
+
+
+@pytest.fixture
+def lua(kv):
+    client = kv.client()
+    yield lua_scripts.Lua(client)
+    client.close()
