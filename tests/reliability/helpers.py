@@ -56,9 +56,15 @@ async def _loop_state(engine) -> tuple[int, int]:
     return len(asyncio.all_tasks()), subscribers
 
 
+def own_threads() -> int:
+    """Threads, without the loop's default executor ("asyncio_N"): ``asyncio.to_thread`` work starts
+    those lazily up to a fixed bound (min(32, cpus + 4)), so one more of them is not a leak."""
+    return sum(1 for thread in threading.enumerate() if not thread.name.startswith("asyncio_"))
+
+
 def resources(server) -> Resources:
     tasks, subscribers = server.call(_loop_state(server.engine))
-    return Resources(tasks=tasks, threads=threading.active_count(), fds=len(os.listdir("/proc/self/fd")),
+    return Resources(tasks=tasks, threads=own_threads(), fds=len(os.listdir("/proc/self/fd")),
                      active_jobs=sum(server.engine.counts().values()), subscribers=subscribers)
 
 
