@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 from pathlib import Path
 
 from starlette.responses import Response, StreamingResponse
@@ -24,16 +26,20 @@ BLOCK = 3 * 65_536  # raw bytes per piece: a multiple of 3, so the pieces' base6
 
 @dataclass(frozen=True)
 class Source:
-    """One image's bytes: the stored file (``path``) or bytes already in memory (``data``)."""
+    """One image's bytes: a stored file, opened when the answer is planned (``file``), or bytes
+    already in memory (``data``)."""
 
-    path: Path | None = None
+    file: BinaryIO | None = None
     data: bytes | None = None
     size: int = 0
 
     @classmethod
     def of_file(cls, path: Path) -> "Source":
-        """Blocking (stat): call it off the event loop."""
-        return cls(path=path, size=path.stat().st_size)
+        """Blocking (open, stat): call it off the event loop. The file is opened now, before the
+        answer's status and Content-Length go out, so a file deleted meanwhile (retention) is still
+        read in full through this handle instead of cutting the promised body short."""
+        file = open(path, "rb")  # noqa: SIM115 - closed by ``blocks`` or when the Source is dropped
+        return cls(file=file, size=os.fstat(file.fileno()).st_size)
 
     @classmethod
     def of_bytes(cls, data: bytes) -> "Source":
@@ -49,7 +55,7 @@ class Source:
             for start in range(0, len(self.data), BLOCK):
                 yield base64.b64encode(self.data[start:start + BLOCK])
             return
-        with open(self.path, "rb") as fh:
+        with self.file as fh:
             while block := fh.read(BLOCK):
                 yield base64.b64encode(block)
 
