@@ -17,26 +17,47 @@ from tests.conftest import live, wait_until
 
 
 class StepGate:
-    """A FakeGenerator gate that lets through exactly as many steps as were allowed."""
+    """A FakeGenerator gate that lets through exactly as many steps as were allowed, and tells when
+    the generator is held at it (it polls the cancel flag before each step, so once held there it
+    has not seen a cancel requested since)."""
 
     def __init__(self) -> None:
         self._steps = threading.Semaphore(0)
+        self._held = threading.Condition()
+        self._waiting = 0
 
     def allow(self, steps: int = 1) -> None:
         for _ in range(steps):
             self._steps.release()
 
     def wait(self, timeout: float) -> bool:
-        return self._steps.acquire(timeout=timeout)
+        with self._held:
+            self._waiting += 1
+            self._held.notify_all()
+        try:
+            return self._steps.acquire(timeout=timeout)
+        finally:
+            with self._held:
+                self._waiting -= 1
+
+    def wait_held(self, timeout: float = 15.0) -> bool:
+        """Wait until the generator is blocked at the gate (no permit left for it)."""
+        with self._held:
+            return self._held.wait_for(lambda: self._waiting > 0, timeout)
 
 
-def drop_after_first_event(server, body: dict) -> str:
-    """Client A: stream, read the first event (the job is processing), hang up. Returns the job id."""
+def drop_after_first_event(server, body: dict, gate: StepGate) -> str:
+    """Client A: stream, read the first event (the job is processing), hang up once the generator
+    is held before step 2. Returns the job id.
+
+    Hanging up earlier races the generator: it could see the cancel at step 2's check and stop
+    within the moment the test polls for the requested cancel (CI failed so, 1 run in many)."""
     with httpx.Client(timeout=30) as client, client.stream("POST", server.url + "/v1/images/generations",
                                                            json={**body, "stream": True}) as response:
         assert response.status_code == 200
         for line in response.iter_lines():
             if line.startswith("data:"):
+                assert gate.wait_held(), "the generator reached step 2's gate"
                 return json.loads(line[5:])["job_id"]
     raise AssertionError("the stream ended without an event")
 
@@ -44,7 +65,7 @@ def drop_after_first_event(server, body: dict) -> str:
 def retry_race(server, gate: StepGate, pool: ThreadPoolExecutor, seed: int):
     body = {"prompt": "a retried request", "size": "64x64", "seed": seed, "num_inference_steps": 4}
     gate.allow(1)  # step 1: a preview reaches A
-    job_id = drop_after_first_event(server, body)
+    job_id = drop_after_first_event(server, body, gate)
     assert wait_until(lambda: server.engine.cancel_requested(job_id)), "A's drop requested the cancel"
     sdk = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
     retry = pool.submit(sdk.images.generate, prompt=body["prompt"], size="64x64",
