@@ -23,11 +23,10 @@ from server.core.locks import KeyedLocks
 from server.core.ports import ActiveJob, EngineConfig, Submission
 from server.core.runner import JobRunner, report_finished, shutdown_outcome
 from server.core.spec import JobSpec, scoped_job_id
-from server.core.states import FAILURE_MESSAGES, STOPPABLE, FailureCode, JobStatus
+from server.core.states import STOPPABLE, FailureCode, JobStatus
 from server.core.store import JobStore
 
 log = logging.getLogger(__name__)
-SHUTDOWN_REASON = FAILURE_MESSAGES[FailureCode.SHUTDOWN]
 STOP_WAIT_S = 3.0  # after the grace period: a step or an upscale tile ends well within this
 DRAIN_S = 1.0  # then the time open streams get to send the final events just announced
 
@@ -92,16 +91,16 @@ class JobEngine:
         self._queue.put_nowait(active.job_id)
 
     async def stop(self, grace_s: float = 30.0) -> None:
-        """Stop accepting work; let running jobs finish within ``grace_s``, then fail them.
-        Idempotent: a second call waits for the first."""
+        """Stop accepting work; let running jobs finish within ``grace_s``, then stop them (kept
+        for the next start). Idempotent: a second call waits for the first."""
         if self._stopping is None:
             self._stopping = asyncio.ensure_future(self._stop(grace_s))
         await asyncio.shield(self._stopping)
 
     async def _stop(self, grace_s: float) -> None:
-        """Pending jobs fail at once; after ``grace_s`` the others are stopped (a step, a tile) and
-        whatever is unfinished ``STOP_WAIT_S`` later is ended (``runner.shutdown_outcome``), so every
-        client gets a final status; streams then get ``DRAIN_S`` to send it."""
+        """Pending jobs end at once; after ``grace_s`` the others are stopped (a step, a tile) and
+        whatever is unfinished ``STOP_WAIT_S`` later is ended (``runner.shutdown_outcome``): every
+        client gets a final status, streams get ``DRAIN_S`` to send it."""
         self._accepting = False
         for active in [a for a in self._active.values() if a.record.status is JobStatus.PENDING]:
             await self.finish(active, **shutdown_outcome(active.record))
@@ -339,7 +338,9 @@ class JobEngine:
         active.record = active.record.moved_to(status, **changes)
         record = active.record
         try:
-            await self.store.put(record)
+            # Stopped by shutdown: failed for its clients, unfinished in the store for the next start (#15).
+            if record.failure is not FailureCode.SHUTDOWN:
+                await self.store.put(record)
         except Exception as exc:
             # Announce anyway: a job whose state cannot be persisted (disk full) must still reach
             # its terminal state for its waiting clients, and the worker must survive. After a

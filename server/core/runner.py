@@ -25,7 +25,7 @@ from server.core.events import EventKind, JobEvent, PreviewImage
 from server.core.generation import StepUpdate
 from server.core.jobs import ImageFile, JobRecord, JobResult, Progress
 from server.core.ports import ActiveJob, JobHost
-from server.core.states import FAILURE_MESSAGES, FailureCode, JobStatus
+from server.core.states import FAILURE_MESSAGES, UPSCALE_STOP_REASONS, FailureCode, JobStatus
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -226,7 +226,7 @@ def _failure(active: ActiveJob, error: BaseException) -> tuple[JobStatus, str, F
 
 def upscale_stopped(cause: FailureCode) -> str:
     """The ``upscale_error`` of a job whose upscale was stopped: the job completes with its image."""
-    return f"upscaling stopped: {FAILURE_MESSAGES.get(cause, cause.value)}"
+    return f"upscaling stopped: {UPSCALE_STOP_REASONS.get(cause, cause.value)}"
 
 
 def shutdown_outcome(record: JobRecord) -> dict:

@@ -78,7 +78,7 @@ class FailureCode(str, Enum):
     """
 
     CANCELLED = "job_cancelled"  # every interest in the job was withdrawn
-    SHUTDOWN = "shutting_down"  # the server stopped before the job could finish
+    SHUTDOWN = "shutting_down"  # the server stopped before the job could finish (single node: kept for its restart)
     INTERRUPTED = "interrupted"  # the process died while running it, max_restarts times (single node)
     OUT_OF_MEMORY = "out_of_memory"  # the device ran out of memory
     GENERATION_FAILED = "generation_failed"  # the model raised
@@ -91,9 +91,16 @@ class FailureCode(str, Enum):
 # Default messages (for people) of failures that carry no message of their own.
 FAILURE_MESSAGES: dict[FailureCode, str] = {
     FailureCode.CANCELLED: "cancelled",
-    FailureCode.SHUTDOWN: "server shutting down",
+    FailureCode.SHUTDOWN: ("server shutting down; the job is kept and runs again when the server is back:"
+                           " repeat the request to get its image"),
     FailureCode.INTERRUPTED: "interrupted by server restart",
     FailureCode.WORKER_LOST: "taken over by another worker",
+}
+
+# Why an upscale stopped, for ``upscale_error`` (the job completes with its image all the same).
+UPSCALE_STOP_REASONS: dict[FailureCode, str] = {
+    FailureCode.CANCELLED: "cancelled",
+    FailureCode.SHUTDOWN: "server shutting down",
 }
 
 # What a restart does with the jobs a dead process left unfinished (``JobStore.recover_interrupted``):
