@@ -13,6 +13,9 @@ event loop.
   from there: the bytes never travel through Redis.
 - Masks follow OpenAI: fully transparent pixels (alpha 0) mark the area to change. They are stored
   converted to what diffusers wants: an ``L`` image, 255 (white) = repaint, 0 = keep.
+- DALL-E 2 clients send no mask and let the image's own transparency mark the area to change
+  ("If mask is not provided, image must have transparency, which will be used as the mask");
+  ``alpha_as_mask`` does that. An image without a fully transparent pixel is then edited whole.
 """
 
 from __future__ import annotations
@@ -102,15 +105,19 @@ def store(output_dir: Path, image: Image.Image) -> str:
 
 
 def ingest(output_dir: Path, image: Path | BinaryIO, mask: Path | BinaryIO | None, max_pixels: int,
-           image_param: str = "image", mask_param: str = "mask") -> EditInputs:
+           image_param: str = "image", mask_param: str = "mask", alpha_as_mask: bool = False) -> EditInputs:
     """Decode, check and store an edit's image (as RGB) and optional mask; raise ``InvalidRequest``
-    naming the offending param."""
+    naming the offending param. ``alpha_as_mask``: without a mask, the image's transparent pixels
+    are the mask (when it has any)."""
     picture = open_bounded(image, image_param, max_pixels)
     size = picture.size
     rgb = picture.convert("RGB")
     converted = None
     if mask is not None:
         converted = mask_from_alpha(open_bounded(mask, mask_param, max_pixels), size, mask_param)
+    elif alpha_as_mask and picture.has_transparency_data:
+        own = mask_from_alpha(picture, size, image_param)
+        converted = own if own.getextrema()[1] == REPAINT else None  # no transparent pixel: edit it whole
     image_sha = store(output_dir, rgb)
     mask_sha = store(output_dir, converted) if converted is not None else None
     return EditInputs(image_sha=image_sha, width=size[0], height=size[1], mask_sha=mask_sha)

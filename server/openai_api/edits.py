@@ -9,7 +9,9 @@ and stored off the event loop (``server.core.inputs.ingest``), and the temporary
 - ``image`` (one file) or ``image[]`` (the SDKs' form for a list): exactly one image. Several are
   a 400 (``param: image``): no served model takes reference images, and silently editing only
   the first would hide that the others were ignored.
-- ``mask``: optional PNG, alpha 0 = edit, the image's size; with it the job inpaints.
+- ``mask``: optional PNG, alpha 0 = edit, the image's size; with it the job inpaints. Without
+  one, a request for ``dall-e-2`` (whose clients rely on it) inpaints the image's own transparent
+  pixels; for other names a transparent image is edited whole, as GPT image models do.
 - A variation is an edit without a prompt (strength 0.6 unless ``strength`` is given).
 """
 
@@ -41,6 +43,7 @@ IMAGE_FIELDS = ("image", "image[]")
 MAX_IMAGES = 16  # what the SDKs may send; more is refused while the form is parsed
 MAX_FIELD_BYTES = 1_048_576  # one non-file field (the prompt): python-multipart's default bound
 SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
+DALL_E_2 = "dall-e-2"  # its edits use the image's transparency when no mask is sent
 
 
 async def plan_edit(request: Request, catalog: Catalog, settings: Settings, variation: bool = False) -> Plan:
@@ -57,7 +60,8 @@ async def plan_edit(request: Request, catalog: Catalog, settings: Settings, vari
         profile = _edit_profile(catalog, body.model)
         loras = await resolve_async(request.app.state.loras, body.loras, profile, body.model_type, settings.max_loras)
         stored = await asyncio.to_thread(inputs.ingest, settings.output_dir, image.file,
-                                         mask.file if mask is not None else None, settings.max_input_pixels)
+                                         mask.file if mask is not None else None, settings.max_input_pixels,
+                                         alpha_as_mask=not variation and body.model == DALL_E_2)
     finally:
         await form.close()  # the spooled temporary files: the inputs are stored now
     width, height = edit_size(body.size, stored.width, stored.height, profile)

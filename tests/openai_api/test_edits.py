@@ -91,6 +91,31 @@ def test_mask_edits_only_the_transparent_area(server):
     assert np.abs(out[:, :48] - src[:, :48]).mean() > 10
 
 
+def left_half_transparent(original: Image.Image) -> Image.Image:
+    image = original.convert("RGBA")
+    image.putalpha(left_half_mask().getchannel("A"))
+    return image
+
+
+def test_dall_e_2_edits_the_images_own_transparent_area(server):
+    """DALL-E 2 clients send no mask: the image's transparency is the mask. Other model names edit
+    a transparent image whole (GPT image models), and an opaque image is edited whole either way."""
+    original = noise()
+    sent = ("in.png", png(left_half_transparent(original)), "image/png")
+    # (DALL-E names answer with a URL unless asked otherwise, as they did upstream.)
+    result = client(server).images.edit(image=sent, prompt="x", model="dall-e-2", response_format="b64_json",
+                                        extra_body={"seed": 1})
+    out, src = decode(result.data[0].b64_json), np.asarray(original, dtype=np.int16)
+    assert np.array_equal(out[:, 48:], src[:, 48:]), "the opaque half is kept"
+    assert np.abs(out[:, :48] - src[:, :48]).mean() > 10
+    assert server.generator.calls[-1].mask_path is not None
+    for model, image in [("gpt-image-1.5", sent), ("dall-e-2", ("in.png", png(original), "image/png"))]:
+        whole = client(server).images.edit(image=image, prompt="x", model=model, response_format="b64_json",
+                                           extra_body={"seed": 1})
+        assert server.generator.calls[-1].mask_path is None, model
+        assert np.abs(decode(whole.data[0].b64_json)[:, 48:] - src[:, 48:]).mean() > 10, model
+
+
 def test_several_images_are_a_400_naming_image(server):
     a, b = png(noise(seed=1)), png(noise(seed=2))
     with pytest.raises(openai.BadRequestError) as caught:
