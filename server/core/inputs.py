@@ -8,7 +8,9 @@ event loop.
   and not on the GPU thread. Only PNG, JPEG and WebP are accepted (as OpenAI's edits endpoint).
 - Identity: ``pixel_sha`` is the SHA-256 of the decoded pixels (mode, size, bytes), so the same
   picture sent as PNG or re-encoded losslessly is the same input, and any changed pixel is another.
-- Storage: ``<output_dir>/inputs/<sha>.png``, written once and atomically (``files.write_atomic``).
+- Storage: ``<output_dir>/inputs/<sha>.png``, written once and atomically (``files.write_atomic``);
+  storing it again refreshes its time. Retention deletes an input once no kept job refers to it
+  and it was stored longer ago than a new job takes to be recorded (``prune_unreferenced``).
   With the Redis backend every node mounts the same output directory, so a worker reads the input
   from there: the bytes never travel through Redis.
 - Masks follow OpenAI: fully transparent pixels (alpha 0) mark the area to change. They are stored
@@ -21,6 +23,8 @@ event loop.
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +36,7 @@ from server.core import files
 from server.core.errors import InvalidRequest
 from server.core.profiles import ModelProfile
 
+log = logging.getLogger(__name__)
 INPUTS_DIR = "inputs"
 FORMATS = ("PNG", "JPEG", "WEBP")
 REPAINT, KEEP = 255, 0
@@ -99,9 +104,29 @@ def store(output_dir: Path, image: Image.Image) -> str:
     picture are harmless: each writes complete bytes and the rename is atomic."""
     sha = pixel_sha(image)
     target = input_path(output_dir, sha)
-    if not target.is_file():
+    try:
+        os.utime(target)  # stored again: a new job will refer to it, so retention must not take it now
+    except FileNotFoundError:
         files.write_atomic(target.parent, target.name, files.encode_image(image, "png", png_level=1))
     return sha
+
+
+def prune_unreferenced(output_dir: Path, referenced: set[str], stored_before: float) -> tuple[int, int]:
+    """Delete the stored inputs no job refers to that were last stored before ``stored_before``
+    (younger ones may belong to a job being submitted): (files, bytes). Blocking."""
+    count = size = 0
+    directory = Path(output_dir) / INPUTS_DIR
+    for path in directory.glob("*.png") if directory.is_dir() else ():
+        try:
+            stat = path.stat()
+            if path.stem in referenced or stat.st_mtime >= stored_before:
+                continue
+            path.unlink()
+        except OSError as exc:
+            log.warning("retention: could not delete the input %s: %s", path.name, exc)
+            continue
+        count, size = count + 1, size + stat.st_size
+    return count, size
 
 
 def ingest(output_dir: Path, image: Path | BinaryIO, mask: Path | BinaryIO | None, max_pixels: int,

@@ -5,6 +5,8 @@
   result cache never answers with a file that is gone).
 - Finished jobs without images (cancelled before they ran, failed): record and links after
   ``unstarted_s``. Client links of kept jobs go after ``finished_s`` too.
+- Edit inputs (``outputs/inputs/``) once no kept job refers to them and they were stored more than
+  ``min_age_s`` ago (a request may be between storing its input and recording its job).
 - A size budget for images (``output_max_bytes``): beyond it the oldest finished jobs go first,
   but never one that finished less than ``min_age_s`` ago, and never an unfinished one (only
   finished jobs are ever selected).
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from server.core import files
+from server.core import files, inputs
 from server.core.jobs import JobRecord
 from server.core.store import JobStore
 
@@ -47,7 +49,8 @@ class RetentionPolicy:
 class RetentionCounts:
     """Totals since start, and what is kept after the latest run."""
 
-    pruned: dict[str, int] = field(default_factory=lambda: {"jobs": 0, "links": 0, "files": 0, "bytes": 0})
+    pruned: dict[str, int] = field(default_factory=lambda: {"jobs": 0, "links": 0, "files": 0, "inputs": 0,
+                                                             "bytes": 0})
     kept_jobs: int = 0
     kept_bytes: int = 0
 
@@ -85,6 +88,7 @@ class Retention:
                     doomed_ids.add(record.job_id)
                     freed += await asyncio.to_thread(image_bytes, self.output_dir, [record])
         await self._delete(doomed, now - policy.finished_s)
+        await self._prune_inputs(now - policy.min_age_s)
         self.counts.kept_jobs = await self.store.job_count()
         self.counts.kept_bytes = await asyncio.to_thread(output_bytes, self.output_dir)
 
@@ -104,6 +108,16 @@ class Retention:
         if jobs or links or removed:
             log.info("retention: pruned %d jobs, %d client links, %d files (%d bytes)", jobs, links, removed,
                      removed_bytes)
+
+
+    async def _prune_inputs(self, stored_before: float) -> None:
+        referenced = await self.store.input_refs()
+        removed, removed_bytes = await asyncio.to_thread(inputs.prune_unreferenced, self.output_dir, referenced,
+                                                         stored_before)
+        self.counts.pruned["inputs"] += removed
+        self.counts.pruned["bytes"] += removed_bytes
+        if removed:
+            log.info("retention: pruned %d edit inputs no job refers to (%d bytes)", removed, removed_bytes)
 
 
 def _image_names(record: JobRecord) -> list[str]:

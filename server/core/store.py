@@ -60,6 +60,7 @@ class JobStore(Protocol):
     async def oldest_finished(self, before: float, limit: int = 200) -> list[JobRecord]: ...
     async def delete(self, job_ids: list[str], links_before: float) -> tuple[int, int]: ...
     async def job_count(self) -> int: ...
+    async def input_refs(self) -> set[str]: ...
     async def close(self) -> None: ...
 
 
@@ -198,6 +199,14 @@ class SQLiteJobStore:
 
     async def job_count(self) -> int:
         return await self._run(lambda: self._conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
+
+    async def input_refs(self) -> set[str]:
+        """The pixel hashes of every edit input (image and mask) a kept job refers to."""
+        def refs_sync() -> set[str]:
+            rows = self._conn.execute("SELECT json_extract(spec, '$.image_sha'), json_extract(spec, '$.mask_sha')"
+                                      " FROM jobs WHERE json_extract(spec, '$.image_sha') IS NOT NULL").fetchall()
+            return {sha for row in rows for sha in row if sha}
+        return await self._run(refs_sync)
 
     async def _select(self, sql: str, args: tuple) -> list[JobRecord]:
         return await self._run(lambda: [_record_from_row(row) for row in self._conn.execute(sql, args).fetchall()])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import zlib
 import struct
 
@@ -137,3 +138,16 @@ def test_steps_run_is_diffusers_rule_and_sets_previews():
     assert spec.steps_run == 10 and spec.preview_interval == 1
     request = spec.generation_request(512, output_dir=__import__("pathlib").Path("/out"))
     assert request.image_path == f"/out/inputs/{'a' * 64}.png" and request.steps_run == 10 and request.strength == 0.5
+
+
+def test_unreferenced_old_inputs_are_pruned_and_a_store_again_refreshes_one(tmp_path):
+    kept, young, old = (inputs.store(tmp_path, picture(colour)) for colour in [(1, 1, 1), (2, 2, 2), (3, 3, 3)])
+    path = {sha: inputs.input_path(tmp_path, sha) for sha in (kept, young, old)}
+    for sha in (kept, old):
+        os.utime(path[sha], (1_000, 1_000))  # stored long ago
+    old_bytes = path[old].stat().st_size
+    assert inputs.prune_unreferenced(tmp_path, {kept}, stored_before=2_000) == (1, old_bytes)
+    assert path[kept].is_file() and path[young].is_file() and not path[old].exists()
+    os.utime(path[kept], (1_000, 1_000))
+    assert inputs.store(tmp_path, picture((1, 1, 1))) == kept  # the same pixels again: a new job's input
+    assert inputs.prune_unreferenced(tmp_path, set(), stored_before=2_000) == (0, 0), "refreshed, not pruned"

@@ -8,9 +8,11 @@ from __future__ import annotations
 import re
 import sqlite3
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
+import openai
 from PIL import Image
 
 from server.core.files import encode_image
@@ -107,3 +109,32 @@ def test_finished_jobs_expire_with_their_files(tmp_path):
                                                    "response_format": "url"}, timeout=TIMEOUT)
     assert gone and rows == 0
     assert again.status_code == 200 and len(server.generator.calls) == calls_before + 1
+
+
+def test_edit_inputs_go_with_the_last_job_that_refers_to_them(tmp_path):
+    gate = threading.Event()
+    gate.set()
+    with live(tmp_path, generator=FakeGenerator(gate=gate), retention_finished_s=0.0, retention_min_age_s=0.0,
+              retention_interval_s=0.2) as server:
+        stored = server.app.state.settings.output_dir / "inputs"
+        sdk = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=TIMEOUT)
+
+        def edit(seed: int):  # url: the answer does not read the image, which retention may take at once
+            picture = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+            return sdk.images.edit(image=("in.png", encode_image(picture, "png"), "image/png"), prompt="x",
+                                   response_format="url", extra_body={"seed": seed})
+
+        edit(1)
+        assert wait_until(lambda: not list(stored.glob("*.png"))), "the input went with its pruned job"
+        gate.clear()  # the next job holds the GPU: its record, and so its input, is kept
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(edit, 2)
+            assert wait_until(lambda: server.engine.counts().get("processing") == 1)
+            kept_after_a_run = wait_until(lambda: metric(server, "t2i_kept_jobs") == 1)
+            inputs_while_held = len(list(stored.glob("*.png")))
+            gate.set()
+            held.result(TIMEOUT)
+        assert wait_until(lambda: not list(stored.glob("*.png")))
+        pruned_inputs = metric(server, 't2i_pruned_total{kind="inputs"}')
+    assert kept_after_a_run and inputs_while_held == 1
+    assert pruned_inputs == 2
