@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     output_max_bytes: int = 5 * 1024**3
     retention_min_age_s: float = 3600.0
     retention_interval_s: float = 30.0
+    # New jobs are refused (503 storage_unavailable) while the output directory's disk has less
+    # free space than this (a 4x-upscaled 2048^2 PNG is ~50 MB); accepted again once space is back.
+    min_free_disk_bytes: int = 256 * 1024**2
     public_url: str | None = None  # base for absolute image URLs; default: from the request
     shutdown_grace_s: float = 30.0
     sse_ping_s: float = 15.0

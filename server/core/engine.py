@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from dataclasses import replace
 
 from server.core import files
+from server.core.disk import DiskSpace
 from server.core.errors import JobNotCancellable, JobNotFound, ShuttingDown, StorageUnavailable
 from server.core.events import EventHub, EventKind, JobEvent, Subscriber
 from server.core.fairness import check_capacity, DrainEstimate, RequesterLedger
@@ -52,6 +54,7 @@ class JobEngine:
         self._runner = JobRunner(self, generator, upscaler)
         self.drain = DrainEstimate()  # seconds per job, for Retry-After
         self._requesters = RequesterLedger()  # who created each unfinished job (core.fairness)
+        self._disk = DiskSpace(config.output_dir, config.min_free_disk_bytes)
 
     @property
     def runner(self) -> JobRunner:
@@ -160,7 +163,7 @@ class JobEngine:
             if client_id:
                 await self._link_client(client_id, job_id)
             return Submission(existing, False, self._subscribe(existing, None) if subscribe else None)
-        self._check_capacity(interest, requester)
+        await self._admit(interest, requester)
         now = time.time()
         if existing is not None:  # failed or cancelled before: run it again
             record = existing.moved_to(JobStatus.PENDING, error=None, result=None, attempt=existing.attempt + 1)
@@ -193,7 +196,7 @@ class JobEngine:
     async def _retry_upscale(self, completed: JobRecord, interest, client_id, subscribe, requester) -> Submission:
         """A repeat of a request whose upscale failed or was cut short: run the upscale again
         (completed -> generated, a new attempt); the generated image is kept, not generated again."""
-        self._check_capacity(interest, requester)
+        await self._admit(interest, requester)
         retry = completed.moved_to(JobStatus.GENERATED, attempt=completed.attempt + 1,
                                    result=replace(completed.result, upscale_error=None))
         try:
@@ -210,7 +213,10 @@ class JobEngine:
         log.info("job %s: upscale retried (attempt %d)", record.job_id[:12], record.attempt)
         return Submission(record, True, subscriber)
 
-    def _check_capacity(self, interest: str, requester: str | None) -> None:
+    async def _admit(self, interest: str, requester: str | None) -> None:
+        """New work (not a join): free disk, then the queue limits (no await between those and the
+        job's registration: concurrent submits cannot both take the last slot)."""
+        await self._disk.check()
         check_capacity(self._active, self.config, self._requesters, self.drain, interest, requester)
 
     async def _link(self, active: ActiveJob, client_id: str | None) -> None:
@@ -291,10 +297,7 @@ class JobEngine:
         return {"backend": "sqlite", "active_jobs": len(self._active)}
 
     def counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for active in self._active.values():
-            counts[active.record.status.value] = counts.get(active.record.status.value, 0) + 1
-        return counts
+        return dict(Counter(active.record.status.value for active in self._active.values()))
 
     # -- cancellation ------------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ class EngineConfig:
     png_compress_level: int = 3
     finished_cache_size: int = 10_000
     max_restarts: int = 3  # a job running at this many process deaths is not retried (``--max-deliveries``)
+    min_free_disk_bytes: int = 0  # new jobs are refused below this much free space (``server.core.disk``)
 
     @classmethod
     def from_settings(cls, settings, **overrides) -> "EngineConfig":
@@ -46,7 +47,7 @@ class EngineConfig:
         values = dict(output_dir=settings.output_dir, max_in_flight=settings.max_in_flight,
                       max_queue=settings.max_queue, max_queue_per_client=settings.max_queue_per_client,
                       preview_max_side=settings.preview_max_side, png_compress_level=settings.png_compress_level,
-                      max_restarts=settings.max_deliveries)
+                      max_restarts=settings.max_deliveries, min_free_disk_bytes=settings.min_free_disk_bytes)
         return cls(**{**values, **overrides})
 
 

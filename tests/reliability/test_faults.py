@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import itertools
 import json
 import socket
 import struct
@@ -164,7 +165,8 @@ def _files(directory: Path) -> set[str]:
 
 
 def test_full_disk_fails_the_job_clearly_and_never_serves_a_partial_file(tmp_path, tiny_disk):
-    with live(tmp_path, generator=FakeGenerator(noise=True), output_dir=tiny_disk) as server:
+    # The free-space check off: jobs reach the write path (as an image larger than the margin does).
+    with live(tmp_path, generator=FakeGenerator(noise=True), output_dir=tiny_disk, min_free_disk_bytes=0) as server:
         url = server.url + URL
         small = httpx.post(url, json={"prompt": "fits", "size": "64x64", "response_format": "url"}, timeout=TIMEOUT)
         before = _files(tiny_disk)
@@ -192,6 +194,36 @@ def test_full_disk_fails_the_job_clearly_and_never_serves_a_partial_file(tmp_pat
     assert 503 in codes, codes  # the store filled up: new jobs are refused with a clear reason
     refused = next(a for a in answers if a.status_code == 503).json()["error"]
     assert refused["code"] == "storage_unavailable" and "disk may be full" in refused["message"]
+
+
+def test_a_nearly_full_disk_refuses_new_jobs_and_recovers_by_itself(tmp_path):
+    seeds = itertools.count(100)  # every new request a new job (the free space is read at most once a second)
+    with tmpfs(tmp_path, "4m") as disk, live(tmp_path, output_dir=disk, min_free_disk_bytes=2 * 1024**2) as server:
+        url = server.url + URL
+        body = {"prompt": "made before the disk filled", "size": "64x64", "response_format": "url", "seed": 1}
+
+        def new_job() -> httpx.Response:
+            return httpx.post(url, json={**body, "seed": next(seeds)}, timeout=TIMEOUT)
+
+        first = httpx.post(url, json=body, timeout=TIMEOUT)
+        (disk / "ballast").write_bytes(b"\0" * (3 * 1024**2))  # leaves less than the 2 MiB new jobs need
+        refused = wait_until(lambda: new_job().status_code == 503)
+        answer = new_job()
+        cached = httpx.post(url, json=body, timeout=TIMEOUT)  # the same seed: the cached job, no disk
+
+        async def ws():
+            async with ws_client(server, "disk") as client:
+                return await client.create("new over ws", seed=next(seeds))
+
+        ws_refused = run(ws())
+        (disk / "ballast").unlink()  # space is back (retention or the operator): no restart needed
+        recovered = wait_until(lambda: new_job().status_code == 200)
+    assert first.status_code == 200 and refused and answer.status_code == 503 and answer.headers["retry-after"]
+    error = answer.json()["error"]
+    assert error["code"] == "storage_unavailable" and "nearly full" in error["message"], error
+    assert cached.status_code == 200, cached.text
+    assert ws_refused["type"] == "error" and ws_refused.get("code") == "storage_unavailable", ws_refused
+    assert recovered
 
 
 def test_unusable_output_directory_fails_the_job_and_recovers(tmp_path):
