@@ -82,8 +82,8 @@ def error_frame(exc: BaseException, request_id: wire.RequestId = None) -> dict[s
 
 def _invalid_from_validation(exc: ValidationError) -> InvalidRequest:
     first = exc.errors()[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "params"]
-    param = ".".join(loc) or None
+    loc = [str(part) for part in first.get("loc", ())]
+    param = ".".join(loc[1:] if loc[:1] == ["params"] and len(loc) > 1 else loc) or None  # "params" alone: missing
     if first.get("type") == "missing":
         return InvalidRequest(f"{param} is required", param=param, code="missing_required_parameter")
     return InvalidRequest(f"invalid value for {param}: {first.get('msg', 'invalid value')}", param=param)

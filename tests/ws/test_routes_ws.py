@@ -332,6 +332,7 @@ BAD_INPUTS = [
      "invalid_value", "guidance_scale"),
     (json.dumps({"type": "get_status", "request_id": "r", "job_id": "nope"}), "job_not_found", "job_id"),
     (json.dumps({"type": "cancel_job", "request_id": "r"}), "missing_required_parameter", "job_id"),
+    (json.dumps({"type": "create_job", "request_id": "r"}), "missing_required_parameter", "params"),
     ("x" * (1_048_576 + 1), "frame_too_large", None),
     (b"\x00\x01binary", "binary_frame", None),
 ]
@@ -355,6 +356,8 @@ def test_bad_input_gets_an_error_reply_and_the_connection_stays_usable(fake_serv
         assert reply["type"] == "error" and reply["code"] == code, (frame[:60], reply)
         assert reply.get("param") == param, reply
         assert "Traceback" not in reply["message"] and "/" not in reply["message"]
+        if code == "missing_required_parameter":
+            assert reply["message"] == f"{param} is required", reply
         if isinstance(frame, str) and '"request_id": "r"' in frame:
             assert reply["request_id"] == "r"
     assert "multiple of 16" in replies[4]["message"]
