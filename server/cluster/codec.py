@@ -88,6 +88,10 @@ class Keys:
     def wake(self, node_id: str) -> str:
         return f"{self.prefix}wake:{node_id}"
 
+    def cancel_wake(self, job_id: str) -> str:
+        """The list CANCEL pushes to when it asks a job's worker to stop (the worker BLPOPs it)."""
+        return f"{self.prefix}cx:{job_id}"
+
 
 def pairs(flat: list) -> dict[str, str]:
     """A flat ``[k1, v1, k2, v2, ...]`` reply (HGETALL inside a script) as a dict."""

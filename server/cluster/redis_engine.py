@@ -219,15 +219,18 @@ class RedisEngine:
 
     async def cancel(self, job_id: str, interest: str, owner: str | None = None) -> tuple[JobRecord, bool]:
         """As ``JobEngine.cancel``, from any node: a pending job ends at once; a running one is
-        flagged and its worker stops at its next step; a job whose worker looks dead (no progress
-        for the reclaim idle time) ends at once and is never taken over."""
+        flagged and its worker, woken at once, stops at its next step; a processing job whose
+        worker looks dead (no progress for the reclaim idle time) ends at once and is never taken
+        over. A generated job's upscale stops at its next tile and the job completes with its image,
+        ``upscale_error`` "upscaling stopped: cancelled" (its worker dead: when the job is reclaimed).
+        Raises ``JobNotFound``, or ``JobNotCancellable`` for a finished job."""
         await self.get(job_id, owner)
         code, flat = await self._run_cancel(job_id, interest)
         if code == "missing":
             raise JobNotFound(f"no job with id '{job_id}'", param="job_id")
         record = record_from_hash(job_id, pairs(flat))
         if code == "not_cancellable":
-            raise JobNotCancellable(f"job is {record.status.value}; only pending or processing jobs can be cancelled",
+            raise JobNotCancellable(f"job is {record.status.value}; only unfinished jobs can be cancelled",
                                     param="job_id")
         if code != "kept":
             log.info("job %s: cancel requested (%s)", job_id[:12], code)

@@ -7,6 +7,9 @@
 - ``publish_step`` (called on the loop for each step event) feeds the claim's ``StepBuffer``, which
   keeps only the newest progress and preview; a flusher task writes them with the STEP script, which
   also heartbeats the queue entry and returns the cancel flag. The GPU thread never waits on Redis.
+- The heartbeat task waits between beats on the job's cancel wake-up list (BLPOP ``cx:{id}``, on
+  the blocking connection, idle while a job runs): a cancel (CANCEL pushes there) is read through
+  STEP at once, also while upscaling, when no step events flow; the upscale stops at its next tile.
 
 Delivery: XAUTOCLAIM (entries idle past ``reclaim_idle_ms``: a dead or frozen worker's) first, then
 XREADGROUP. Heartbeats (XCLAIM JUSTID) happen only while the GPU makes progress (a step event since
@@ -20,16 +23,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 
 from redis.exceptions import ConnectionError as RedisConnectionError, RedisError, ResponseError, TimeoutError as RedisTimeout
 
 from server.cluster import scripts
-from server.cluster.codec import GROUP, Keys, client_name, connect, pairs, reader_client, record_from_hash, result_json, step_payload
+from server.cluster.codec import GROUP, READ_BLOCK_MS, Keys, client_name, connect, pairs, reader_client, record_from_hash, result_json, step_payload
 from server.cluster.redis_engine import ClusterOptions, ensure_group
 from server.core.events import EventKind, JobEvent
 from server.core.jobs import JobRecord
 from server.core.ports import ActiveJob, EngineConfig
-from server.core.runner import JobRunner, report_finished
+from server.core.runner import JobRunner, report_finished, upscale_stopped
 from server.core.states import FailureCode, JobStatus
 
 log = logging.getLogger(__name__)
@@ -186,16 +190,20 @@ class RedisWorker:
         args = [self.options.prefix, GROUP, job_id, msg, self.node_id, self.options.max_deliveries,
                 repr(time.time()), self.options.result_ttl_s, self.options.event_maxlen]
         code, flat = await self._retry(self._claim_script, args=args)
-        if code != "run":
+        if code not in ("run", "stop_upscale"):
             log.info("job %s: queue entry %s not run (%s)", job_id[:12], msg, code)
             return
         fields = pairs(flat)
         claim = _Claim(ActiveJob(record=record_from_hash(job_id, fields)), fields["fence"], msg)
         self._claim = claim
-        log.info("job %s: running on %s (delivery %s)", job_id[:12], self.node_id, fields.get("deliveries"))
+        log.info("job %s: %s on %s (delivery %s)", job_id[:12], "running" if code == "run" else "completing",
+                 self.node_id, fields.get("deliveries"))
         helpers = [asyncio.create_task(self._flusher(claim)), asyncio.create_task(self._heartbeat(claim))]
         try:
-            await self._runner.run(claim.active)
+            if code == "run":
+                await self._runner.run(claim.active)
+            else:
+                await self._complete_stopped(claim.active)
         except Exception:  # the runner handles job errors; this guards the worker itself
             log.exception("job %s: unexpected error in the job runner", job_id[:12])
             if not claim.active.record.status.is_terminal:
@@ -207,6 +215,13 @@ class RedisWorker:
             await asyncio.gather(*helpers, return_exceptions=True)
             self._claim = None
             self._job_done.set()
+
+    async def _complete_stopped(self, active: ActiveJob) -> None:
+        """A generated job taken over after its cancel (CLAIM ``stop_upscale``): its worker died
+        before stopping the upscale. It completes with its saved image, as the stopped upscale
+        would have (single node's outcome); the upscale is not run."""
+        result = replace(active.record.result, upscale_error=upscale_stopped(FailureCode.CANCELLED))
+        await self.finish(active, JobStatus.COMPLETED, result=result)
 
     # -- JobHost: what JobRunner drives -------------------------------------------------------
 
@@ -256,13 +271,15 @@ class RedisWorker:
             await buffer.ready.wait()
             await self._flush(claim)
 
-    async def _flush(self, claim: _Claim, beat: bool = False) -> None:
+    async def _flush(self, claim: _Claim, beat: bool = False, poll: bool = False) -> None:
+        """Write the buffered step events (with a heartbeat when ``beat`` or due); ``poll``: call
+        STEP even with nothing to write, to read the cancel flag."""
         async with self._flush_lock:
             events = claim.buffer.take()
             progressed = claim.buffer.steps != claim.beat_steps
             due = time.monotonic() - claim.last_beat > self.options.reclaim_idle_ms / 4000
             beat = beat or (progressed and due)
-            if (not events and not beat) or claim.fenced:
+            if (not events and not beat and not poll) or claim.fenced:
                 return
             args = [self.options.prefix, GROUP, claim.active.job_id, self.node_id, claim.fence, claim.msg,
                     self.options.event_maxlen, "1" if beat else "0"]
@@ -284,13 +301,30 @@ class RedisWorker:
 
     async def _heartbeat(self, claim: _Claim) -> None:
         """Beat between step events: when the GPU made progress since the last beat, or while the
-        job is past generation (saving, upscaling: bounded work off the denoising loop)."""
+        job is past generation (saving, upscaling: bounded work off the denoising loop). Between
+        beats, wait for a cancel wake-up; on one, read the flag through STEP at once."""
         period = self.options.reclaim_idle_ms / 4000
         while not claim.fenced:
-            await asyncio.sleep(period)
+            due = time.monotonic() + period
+            woken = False
+            while not woken and time.monotonic() < due:
+                woken = await self._cancel_woken(claim, due - time.monotonic())
             progressed = claim.buffer.steps != claim.beat_steps
-            if progressed or claim.active.record.status is JobStatus.GENERATED:
-                await self._flush(claim, beat=True)
+            beat = progressed or claim.active.record.status is JobStatus.GENERATED
+            if beat or woken:
+                await self._flush(claim, beat=beat, poll=woken)
+
+    async def _cancel_woken(self, claim: _Claim, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for CANCEL's wake-up of this job: True when it came."""
+        # BLPOP's timeout 0 means forever, and a blocked read must end within the reader's socket timeout.
+        timeout_s = min(max(timeout_s, 0.01), READ_BLOCK_MS / 1000)
+        key = self.keys.cancel_wake(claim.active.job_id)
+        try:
+            return await self._blocking.blpop([key], timeout=timeout_s) is not None
+        except RedisError as exc:  # Redis away: wait as before; the next step or beat reads the flag
+            log.debug("job %s: cancel wake-up not read: %s", claim.active.job_id[:12], exc)
+            await asyncio.sleep(timeout_s)
+            return False
 
     async def _retry(self, fn, *args, **kwargs):
         """Run a Redis call, retrying across a short outage (connection errors only)."""

@@ -6,27 +6,31 @@ Redis/Valkey (optionally with replicas), not Redis Cluster. Each script's contra
 - SUBMIT: dedup + record + enqueue + first status event + the client's job list, at once. A new
   interest joining a job whose cancel was requested withdraws the request (``cancel`` = 0).
 - CLAIM: a worker took a queue entry: check it is still wanted, count the delivery (ending a job
-  that crashed ``max_deliveries`` workers as failed), bump the fence and name the owner.
+  that crashed ``max_deliveries`` workers as failed), bump the fence and name the owner. A
+  ``generated`` job whose cancel was requested is taken over only to complete it with its image
+  (``stop_upscale``: the worker writes the result's ``upscale_error``).
 - MOVE: a worker-side state change, fenced by (worker, fence): a worker whose job was taken over
   (or cancelled, or finished by someone else) changes nothing. A worker reporting ``cancelled``
   for a job that someone wants again (an interest joined after the worker read the cancel flag)
   requeues it as a new attempt instead.
 - STEP: a worker's coalesced step events (progress, latest preview) + heartbeat (XCLAIM JUSTID),
   fenced the same way; answers whether the job was asked to cancel.
-- CANCEL: withdraw an interest; cancel a pending job at once, ask a running job's owner to stop
-  (it sees the flag at its next step), or cancel at once when the owner looks dead.
+- CANCEL: withdraw an interest; cancel a pending job at once, ask a running (processing or
+  generated) job's owner to stop: set ``cancel`` and push to ``cx:{id}``, which the owner's
+  heartbeat waits on (BLPOP), so it reads the flag at once, not at its next beat. A processing job
+  whose owner looks dead is cancelled at once; a generated one is left to the reclaim (CLAIM).
 
-Status sets (terminal, cancellable) are generated from ``server.core.states``, the one state table;
-so is the reclaim move (processing -> pending), which CLAIM makes for a dead worker's job.
+Status sets (terminal, cancellable, stoppable) are generated from ``server.core.states``, the one
+state table; so is the reclaim move (processing -> pending), which CLAIM makes for a dead worker's job.
 
 Job hash fields: spec status created_at updated_at result error failure owner attempt (the record), plus
-worker fence deliveries cancel msg seq last_event (control). Fields are strings: Lua never decodes
-the spec JSON (cjson would round a 63-bit seed).
+worker fence deliveries cancel msg seq last_event (control); list ``cx:{id}`` is the cancel wake-up.
+Fields are strings: Lua never decodes the spec or result JSON (cjson would round a 63-bit seed).
 """
 
 from __future__ import annotations
 
-from server.core.states import CANCELLABLE, TERMINAL, TRANSITIONS, FailureCode, JobStatus, lua_set
+from server.core.states import CANCELLABLE, STOPPABLE, TERMINAL, TRANSITIONS, FailureCode, JobStatus, lua_set
 
 # The reclaim is a move of the state table; it is asserted here so the script cannot drift from it.
 assert JobStatus.PENDING in TRANSITIONS[JobStatus.PROCESSING]
@@ -51,6 +55,7 @@ local function on_terminal(id, ttl)
     redis.call('SREM', P .. 'ia:' .. who, id)
   end
   redis.call('HSET', jk(id), 'cancel', '0')
+  redis.call('DEL', P .. 'cx:' .. id)
   local msg = redis.call('HGET', jk(id), 'msg')
   if msg and msg ~= '' then
     redis.call('XACK', P .. 'queue', GROUP, msg)
@@ -141,6 +146,7 @@ return {'created', redis.call('HGETALL', key), {}}
 """
 
 # ARGV: P GROUP id msg worker max_deliveries now ttl maxlen -> {code, hash}
+# code: run | stop_upscale (complete the generated job with its image, run nothing) | stale | cancelled | poison
 CLAIM = COMMON + r"""
 local id, msg, worker, now, ttl, maxlen = ARGV[3], ARGV[4], ARGV[5], ARGV[7], ARGV[8], ARGV[9]
 local key = jk(id)
@@ -151,9 +157,17 @@ if (not f[1]) or is_terminal(f[1]) or f[2] ~= msg then  -- finished, expired, or
   return {'stale', {}}
 end
 local deliveries = redis.call('HINCRBY', key, 'deliveries', 1)
-if f[3] == '1' then
+if f[3] == '1' and is_cancellable(f[1]) then
   finish(id, 'cancelled', 'cancelled', '""" + FailureCode.CANCELLED.value + r"""', now, ttl, maxlen)
   return {'cancelled', {}}
+end
+if f[3] == '1' then
+  -- Generated, its cancel requested while its worker looked dead (or before the worker, which then
+  -- died, read it). Its image exists, so it is not cancelled: this worker takes it over only to
+  -- complete it with that image and its upscale_error, as a stopped upscale does. Nothing runs.
+  redis.call('HINCRBY', key, 'fence', 1)
+  redis.call('HSET', key, 'worker', worker)
+  return {'stop_upscale', redis.call('HGETALL', key)}
 end
 if deliveries > tonumber(ARGV[6]) then
   finish(id, 'failed', 'the job stopped ' .. (deliveries - 1) .. ' workers; it is not retried',
@@ -226,12 +240,13 @@ return 0
 """
 
 # ARGV: P GROUP id interest now ttl maxlen dead_idle_ms -> {code, hash}
-CANCEL = COMMON + r"""
+# code: missing | not_cancellable (finished) | kept | cancelled | cancelling (the owner was asked to stop)
+CANCEL = COMMON + lua_set("is_stoppable", STOPPABLE) + r"""
 local id, interest, now, ttl, maxlen = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local key = jk(id)
 local st = redis.call('HGET', key, 'status')
 if not st then return {'missing', {}} end
-if not is_cancellable(st) then return {'not_cancellable', redis.call('HGETALL', key)} end
+if not is_stoppable(st) then return {'not_cancellable', redis.call('HGETALL', key)} end
 redis.call('SREM', P .. 'int:' .. id, interest)
 redis.call('SREM', P .. 'ia:' .. interest, id)
 if redis.call('SCARD', P .. 'int:' .. id) > 0 then return {'kept', redis.call('HGETALL', key)} end
@@ -241,10 +256,20 @@ if st == 'processing' then
   local pel = redis.call('XPENDING', P .. 'queue', GROUP, msg, msg, 1)
   dead = (#pel == 0) or (tonumber(pel[1][3]) >= tonumber(ARGV[8]))
 end
-if st == 'pending' or dead then
+-- Only a cancellable job ends cancelled here. A generated one's image exists: whatever its worker's
+-- state, it gets the flag; a live worker stops the upscale at its next tile and completes the job
+-- with the image; a dead one's entry is reclaimed and CLAIM completes it (stop_upscale). Completing
+-- it here would mean rewriting its result JSON in Lua (cjson rounds the 63-bit seeds).
+if is_cancellable(st) and (st == 'pending' or dead) then
   finish(id, 'cancelled', 'cancelled', '""" + FailureCode.CANCELLED.value + r"""', now, ttl, maxlen)
   return {'cancelled', redis.call('HGETALL', key)}
 end
-redis.call('HSET', key, 'cancel', '1')  -- the owning worker reads it with its next step
+redis.call('HSET', key, 'cancel', '1')
+-- Wake the owner's heartbeat (BLPOP on this list) so it reads the flag now: while it upscales it has
+-- no step events to carry it. One entry at most; a stale one only costs the worker one STEP call.
+local cx = P .. 'cx:' .. id
+redis.call('RPUSH', cx, '1')
+redis.call('LTRIM', cx, 0, 0)
+redis.call('EXPIRE', cx, ttl)
 return {'cancelling', redis.call('HGETALL', key)}
 """

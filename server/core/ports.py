@@ -128,9 +128,9 @@ class Engine(Protocol):
 
     async def cancel(self, job_id: str, interest: str, owner: str | None = None) -> tuple[JobRecord, bool]:
         """Withdraw ``interest``; cancel the job if nobody else wants it: (record, cancelled).
-        Raises ``JobNotFound``, or ``JobNotCancellable`` unless the job is in ``CANCELLABLE``.
-        ``JobEngine`` also accepts a ``generated`` job: the cancel stops its upscale within a tile
-        and the job completes with its image (``upscale_error``); ``RedisEngine`` refuses it."""
+        Raises ``JobNotFound``, or ``JobNotCancellable`` unless the job is in ``STOPPABLE``: for a
+        ``generated`` job the cancel stops its upscale within a tile and the job completes with
+        its image (``upscale_error``), on both engines."""
 
     async def release(self, job_id: str, interest: str) -> None:
         """As ``cancel`` but silent and never raising: an HTTP client went away."""

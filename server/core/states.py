@@ -2,8 +2,9 @@
 which statuses end a job or may be cancelled, why a job failed, and what a restart does.
 
 Everything else derives from here: the engines (SQLite and Redis), the Lua scripts (their status
-sets are generated from ``TERMINAL`` and ``CANCELLABLE``, see ``server/cluster/scripts.py``), the
-WebSocket session's status ordering (``RANK``), metrics (``ACTIVE``) and the store's recovery.
+sets are generated from ``TERMINAL``, ``CANCELLABLE`` and ``STOPPABLE``, see
+``server/cluster/scripts.py``), the WebSocket session's status ordering (``RANK``), metrics
+(``ACTIVE``) and the store's recovery.
 """
 
 from __future__ import annotations

@@ -22,18 +22,18 @@ from tests.cluster.conftest import KVServer
 TIMEOUT = 10
 
 
-def spec(prompt: str, steps: int = 4, seed: int = 1):
-    return normalize(SpecInput(prompt=prompt, model="tiny-z-image", width=64, height=64, steps=steps, seed=seed),
-                     get_profile("tiny-z-image"), Limits())
+def spec(prompt: str, steps: int = 4, seed: int = 1, upscale: bool = False):
+    return normalize(SpecInput(prompt=prompt, model="tiny-z-image", width=64, height=64, steps=steps, seed=seed,
+                               upscale=upscale), get_profile("tiny-z-image"), Limits())
 
 
 @asynccontextmanager
-async def engine_for(backend: str, tmp_path, generator):
+async def engine_for(backend: str, tmp_path, generator, upscaler=None):
     config = EngineConfig(output_dir=tmp_path / "out", max_in_flight=1, max_queue=8, max_queue_per_client=4)
     config.output_dir.mkdir(parents=True, exist_ok=True)
     if backend == "sqlite":
         store = await SQLiteJobStore(tmp_path / "jobs.sqlite3").open()
-        engine = JobEngine(config, generator, FakeUpscaler(), store)
+        engine = JobEngine(config, generator, upscaler or FakeUpscaler(), store)
         await engine.start()
         try:
             yield engine
@@ -47,7 +47,7 @@ async def engine_for(backend: str, tmp_path, generator):
     kv = KVServer(backend, tmp_path / "kv").start()
     engine = RedisEngine(config, ClusterOptions(url=kv.url, node_id="api", reclaim_idle_ms=2000))
     worker = RedisWorker(config, ClusterOptions(url=kv.url, node_id="worker", reclaim_idle_ms=2000), generator,
-                         FakeUpscaler())
+                         upscaler or FakeUpscaler())
     await engine.start()
     await worker.start()
     try:
@@ -145,6 +145,47 @@ def test_cancel_of_a_running_job_stops_it_at_a_step(backend, tmp_path):
     asyncio.run(scenario())
 
 
+class SlowTiles(FakeUpscaler):
+    """400 tiles x 0.05 s (20 s unless stopped); ``running`` is set once two tiles are done."""
+
+    def __init__(self):
+        super().__init__(tiles=400, tile_s=0.05)
+        self.running = threading.Event()
+
+    def upscale(self, image, is_cancelled=None):
+        def check() -> bool:
+            if self.tiles_done >= 2:
+                self.running.set()
+            return is_cancelled()
+        return super().upscale(image, check)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cancel_during_the_upscale_completes_the_job_with_its_image(backend, tmp_path):
+    """A cancel while a job is ``generated`` stops its upscale within a tile or two; the job
+    completes with its image and ``upscale_error`` (its status never becomes cancelled). Redis
+    refused this cancel (only pending or processing), then read it at the worker's next beat
+    (``reclaim_idle_ms / 4`` = 0.5 s here: about 10 tiles) before CANCEL woke the worker (issue 15)."""
+    async def scenario():
+        upscaler = SlowTiles()
+        async with engine_for(backend, tmp_path, FakeGenerator(step_s=0.01), upscaler) as engine:
+            submission = await engine.submit(spec("upscale then cancel", upscale=True), interest="a")
+            assert await asyncio.to_thread(upscaler.running.wait, TIMEOUT), "the upscale never started"
+            tiles_at_cancel = upscaler.tiles_done
+            record, cancelled = await engine.cancel(submission.record.job_id, "a")
+            assert cancelled and record.status is JobStatus.GENERATED
+            kinds, final = await until_terminal(submission.subscriber)
+            return kinds, final, upscaler.tiles_done - tiles_at_cancel
+
+    kinds, final, tiles_after = asyncio.run(scenario())
+    assert kinds[-2:] == ["generated", "completed"] and "cancelled" not in kinds
+    assert final.status is JobStatus.COMPLETED and final.failure is None
+    assert final.result.upscale_error == "upscaling stopped: cancelled"
+    [image] = final.result.images
+    assert image.upscaled_filename is None and (tmp_path / "out" / image.filename).is_file()
+    assert tiles_after <= 2, f"{tiles_after} tiles ran after the cancel"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_client_jobs_filters_by_key_before_its_limit(backend, tmp_path):
     """Two API keys share a client id: 201 of key A's jobs (the list limit is 200) must not push
@@ -210,3 +251,49 @@ def test_redis_client_lists_are_capped_and_expire(tmp_path):
 
     size, ttl, newest, last, result_ttl = asyncio.run(scenario())
     assert size == 200 and 0 < ttl <= result_ttl and newest == last
+
+
+@pytest.mark.parametrize("backend", ["redis", "valkey"])
+def test_redis_generated_job_cancelled_while_its_worker_looks_dead_completes_with_its_image(backend, tmp_path):
+    """The cancel of a generated job whose worker looks dead does not end it ``cancelled`` (its
+    image exists): the worker that takes the entry over completes it with that image, running
+    nothing (issue 15)."""
+    import json
+
+    from server.cluster.codec import GROUP
+    from server.cluster.redis_engine import ClusterOptions, RedisEngine
+    from server.cluster.redis_worker import RedisWorker
+    from tests.cluster.lua import JOB, PREFIX, RESULT, Lua
+
+    kv = KVServer(backend, tmp_path / "kv").start()
+    client = kv.client()
+    lua = Lua(client)
+    msg, fence = lua.running_job(worker="w1")
+    assert lua.move(fence, JobStatus.GENERATED, worker="w1", result=json.dumps(RESULT.to_dict())) == ["ok", "0"]
+    client.xclaim(lua.keys.queue, GROUP, "w1", 0, [msg], idle=100_000, justid=True)  # w1 stopped beating
+    assert lua.cancel(dead_idle_ms=2000)[0] == "cancelling"
+    generator, upscaler = FakeGenerator(), FakeUpscaler()
+
+    async def scenario():
+        config = EngineConfig(output_dir=tmp_path / "out")
+        options = ClusterOptions(url=kv.url, node_id="api", prefix=PREFIX, reclaim_idle_ms=2000)
+        engine = RedisEngine(config, options)
+        worker = RedisWorker(config, ClusterOptions(url=kv.url, node_id="w2", prefix=PREFIX, reclaim_idle_ms=2000),
+                             generator, upscaler)
+        await engine.start()
+        await worker.start()
+        try:
+            return await until_terminal(engine.subscribe(await engine.get(JOB)))
+        finally:
+            await worker.stop(2)
+            await engine.stop(2)
+
+    try:
+        kinds, final = asyncio.run(scenario())
+    finally:
+        client.close()
+        kv.stop()
+    assert kinds == ["generated", "completed"]
+    assert final.status is JobStatus.COMPLETED and final.result.images == RESULT.images
+    assert final.result.upscale_error == "upscaling stopped: cancelled"
+    assert generator.calls == [] and upscaler.calls == 0, "nothing ran again"

@@ -154,13 +154,60 @@ def test_cancel_missing(lua):
 
 def test_cancel_not_cancellable(lua):
     msg, fence = lua.running_job()
-    assert lua.move(fence, JobStatus.GENERATED) == ["ok", "0"]
-    code, flat = lua.cancel()
-    assert code == "not_cancellable" and pairs(flat)["status"] == "generated"
-    assert lua.job()["cancel"] == "0" and lua.r.sismember(f"{PREFIX}int:{JOB}", "i1"), "nothing withdrawn"
-    assert lua.move(fence, JobStatus.COMPLETED) == ["ok", "0"]
+    assert lua.move(fence, JobStatus.COMPLETED, result=json.dumps(RESULT.to_dict())) == ["ok", "0"]
     code, flat = lua.cancel()
     assert code == "not_cancellable" and pairs(flat)["status"] == "completed"
+    assert lua.job()["cancel"] == "0" and lua.r.exists(lua.keys.cancel_wake(JOB)) == 0
+
+
+def generated_job(lua) -> tuple[str, str]:
+    msg, fence = lua.running_job()
+    assert lua.move(fence, JobStatus.GENERATED, result=json.dumps(RESULT.to_dict())) == ["ok", "0"]
+    return msg, fence
+
+
+def test_cancel_generated_asks_its_worker_to_stop_the_upscale(lua):
+    # Issue 15: as on single node, a cancel stops the upscale; the job completes with its image.
+    msg, fence = generated_job(lua)
+    code, flat = lua.cancel(dead_idle_ms=60_000)
+    assert code == "cancelling"
+    fields = pairs(flat)
+    assert fields["status"] == "generated" and fields["cancel"] == "1" and fields["fence"] == fence
+    assert lua.r.smembers(f"{PREFIX}int:{JOB}") == set()
+    assert lua.r.lrange(lua.keys.cancel_wake(JOB), 0, -1) == ["1"], "the worker's heartbeat is woken"
+    assert 0 < lua.r.ttl(lua.keys.cancel_wake(JOB)) <= 600
+    assert lua.status_events()[-1]["status"] == "generated", "no status change yet"
+    assert lua.step(fence, msg, beat=True) == 1, "the upscaling worker reads the flag"
+    stopped = {**RESULT.to_dict(), "upscale_error": "upscaling stopped: cancelled"}
+    assert lua.move(fence, JobStatus.COMPLETED, result=json.dumps(stopped)) == ["ok", "1"]
+    assert lua.job()["status"] == "completed" and lua.r.exists(lua.keys.cancel_wake(JOB)) == 0
+    lua.assert_terminal_cleanup(msg)
+
+
+def test_cancel_generated_whose_worker_looks_dead_is_left_to_the_reclaim(lua):
+    # Its image exists: not cancelled (a processing job would be, at once), flagged instead; the
+    # worker that reclaims the entry completes it with that image (CLAIM: stop_upscale).
+    msg, fence = generated_job(lua)
+    lua.r.xclaim(lua.keys.queue, GROUP, "w1", 0, [msg], idle=100_000, justid=True)
+    code, flat = lua.cancel(dead_idle_ms=60_000)
+    assert code == "cancelling" and pairs(flat)["status"] == "generated" and pairs(flat)["cancel"] == "1"
+    _, claimed, *_ = lua.r.xautoclaim(lua.keys.queue, GROUP, "w2", min_idle_time=60_000, start_id="0-0")
+    assert [entry[0] for entry in claimed] == [msg]
+    code, flat = lua.claim(msg, worker="w2")
+    assert code == "stop_upscale"
+    fields = pairs(flat)
+    assert fields["status"] == "generated" and fields["worker"] == "w2" and fields["fence"] == str(int(fence) + 1)
+    assert record_from_hash(JOB, fields).result == RESULT
+    assert lua.move(fence, JobStatus.COMPLETED) == ["fenced", "generated"], "the frozen owner is fenced out"
+    assert lua.move(fields["fence"], JobStatus.COMPLETED, worker="w2", result=json.dumps(RESULT.to_dict())) == ["ok", "1"]
+    lua.assert_terminal_cleanup(msg)
+
+
+def test_claim_cancels_a_flagged_processing_job(lua):
+    msg, fence = lua.running_job()
+    assert lua.cancel()[0] == "cancelling"
+    assert lua.claim(msg, worker="w2") == ["cancelled", []]
+    assert lua.job()["status"] == "cancelled"
 
 
 def test_cancel_kept(lua):

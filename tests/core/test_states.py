@@ -12,8 +12,8 @@ from server.cluster import scripts
 from server.core.errors import IllegalTransition
 from server.core.jobs import JobRecord
 from server.core.states import (ACTIVE, CANCELLABLE, FAILURE_MESSAGES, RANK, RECOVERY, RECOVERY_EXHAUSTED,
-                                RESTART_REASON, TERMINAL, TRANSITIONS, FailureCode, JobStatus, check_transition,
-                                exhausted_reason, lua_set)
+                                RESTART_REASON, STOPPABLE, TERMINAL, TRANSITIONS, FailureCode, JobStatus,
+                                check_transition, exhausted_reason, lua_set)
 from tests.engine_helpers import spec
 
 S = JobStatus
@@ -160,6 +160,7 @@ def test_lua_predicates_match_the_python_sets():
     """Fails the day the scripts' status predicates diverge from ``states``."""
     assert lua_predicate(scripts.COMMON, "is_terminal") == {s.value for s in TERMINAL}
     assert lua_predicate(scripts.COMMON, "is_cancellable") == {s.value for s in CANCELLABLE}
+    assert lua_predicate(scripts.CANCEL, "is_stoppable") == {s.value for s in STOPPABLE}
     for name in ("SUBMIT", "CLAIM", "MOVE", "STEP", "CANCEL"):
         source = getattr(scripts, name)
         assert source.startswith(scripts.COMMON), f"{name} does not start from COMMON"
