@@ -85,6 +85,11 @@ class Keys:
     def running(self) -> str:
         return f"{self.prefix}running"
 
+    @property
+    def upscaler(self) -> str:
+        """Set by workers with an upscaler: SUBMIT retries a missing upscale only when it exists."""
+        return f"{self.prefix}upscaler"
+
     def wake(self, node_id: str) -> str:
         return f"{self.prefix}wake:{node_id}"
 

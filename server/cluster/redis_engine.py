@@ -22,7 +22,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from server.cluster import scripts
 from server.core.fairness import DrainEstimate, queue_full, requester_full
-from server.cluster.codec import GROUP, Keys, client_list_name, client_name, connect, default_node_id, pairs, preview_event, reader_client, record_from_hash
+from server.cluster.codec import GROUP, Keys, client_list_name, client_name, connect, default_node_id, pairs, preview_event, reader_client, record_from_hash, result_json
 from server.cluster.streams import FeedReader
 from server.core.lru import LruCache
 from server.core.ports import EngineConfig, Submission
@@ -114,14 +114,16 @@ class RedisEngine:
     async def submit(self, spec: JobSpec, *, interest: str, client_id: str | None = None,
                      owner: str | None = None, subscribe: bool = True, requester: str | None = None) -> Submission:
         """As ``JobEngine.submit``; dedup, record, enqueue, first event and the client's job list
-        happen in one script, so racing identical submits on any nodes make one job."""
+        happen in one script, so racing identical submits on any nodes make one job. A completed job
+        whose upscale is missing runs it again (a second SUBMIT, with the result this one read: the
+        script retries only if the job is still that, and a worker announced an upscaler)."""
         if not self._accepting:
             raise ShuttingDown("the server is shutting down and accepts no new jobs")
         job_id = scoped_job_id(spec, owner)
         args = [self.options.prefix, GROUP, job_id, repr(time.time()), _spec_json(spec), owner or "", interest,
                 client_list_name(client_id, owner) if client_id else "", self.config.max_queue, self.config.max_queue_per_client, self.options.event_maxlen,
                 requester or "", self.options.result_ttl_s]
-        code, flat, preview, *extra = await self._submit(args=args)
+        code, flat, preview, *extra = await self._submit_or_retry_upscale(job_id, args)
         limit = self.config.max_queue_per_client
         if code == "full":
             raise queue_full(self.config.max_queue, self.drain.retry_after(0))
@@ -136,8 +138,22 @@ class RedisEngine:
         if code == "created":
             log.info("job %s: queued (%s %dx%d, %d steps, n=%d)", job_id[:12], spec.model, spec.width, spec.height,
                      spec.steps, spec.n)
+        elif code == "upscale":
+            log.info("job %s: upscale retried (attempt %d)", job_id[:12], record.attempt)
         subscriber = self._subscribe(record, fields.get("last_event", "0-0"), pairs(preview)) if subscribe else None
-        return Submission(record, code == "created", subscriber)
+        return Submission(record, code in ("created", "upscale"), subscriber)
+
+    async def _submit_or_retry_upscale(self, job_id: str, args: list) -> list:
+        """SUBMIT; if it answers a completed job whose upscale is missing, SUBMIT again asking for
+        the upscale retry. Lua cannot rewrite the result JSON (seeds), so this side writes it; the
+        script compares the result it holds with the one read here, so the decision stays atomic."""
+        answer = await self._submit(args=args)
+        code, flat = answer[0], answer[1]
+        if code != "cached" or not (seen := record_from_hash(job_id, pairs(flat))).upscale_missing:
+            return answer
+        retry = [*args[:3], repr(time.time()), *args[4:], pairs(flat)["result"],
+                 result_json(seen.upscale_retry().result)]
+        return await self._submit(args=retry)
 
     def _subscribe(self, record: JobRecord, after: str, preview: dict[str, str] | None = None) -> Subscriber:
         """First the record's status, then the latest preview, then live events after both."""

@@ -11,6 +11,9 @@
   the blocking connection, idle while a job runs): a cancel (CANCEL pushes there) is read through
   STEP at once, also while upscaling, when no step events flow; the upscale stops at its next tile.
 
+A claimed ``generated`` job (an upscale retry, or a dead worker's job that was upscaling) runs
+``JobRunner.upscale_saved``: its saved image is read back and upscaled, never generated again.
+
 Delivery: XAUTOCLAIM (entries idle past ``reclaim_idle_ms``: a dead or frozen worker's) first, then
 XREADGROUP. Heartbeats (XCLAIM JUSTID) happen only while the GPU makes progress (a step event since
 the last beat), or while the job is past generation (saving/upscaling), so a hung GPU is reclaimed.
@@ -38,6 +41,7 @@ from server.core.states import FailureCode, JobStatus
 
 log = logging.getLogger(__name__)
 RETRY_FOR_S = 30.0  # a state change is retried this long across a Redis outage
+_CLAIMED = {"run": "running", "upscale": "upscaling its saved image", "stop_upscale": "completing"}  # for the log
 
 
 class StepBuffer:
@@ -117,7 +121,7 @@ class RedisWorker:
 
     async def start(self) -> None:
         self._runner.bind_loop(asyncio.get_running_loop())
-        await ensure_group(self.redis, self.keys)
+        await self._join()
         self._accepting = True
         self._task = asyncio.create_task(self._serve(), name="cluster-worker")
         log.info("worker %s: taking jobs from %s", self.node_id, self.keys.queue)
@@ -160,7 +164,7 @@ class RedisWorker:
                 if "NOGROUP" not in str(exc):
                     raise
                 log.warning("worker %s: the consumer group is gone (Redis restarted?); recreating it", self.node_id)
-                await self._retry(ensure_group, self.redis, self.keys)
+                await self._retry(self._join)
                 continue
             except (RedisConnectionError, RedisTimeout, OSError) as exc:
                 log.warning("worker %s: redis unavailable (%s); retrying", self.node_id, exc)
@@ -169,6 +173,14 @@ class RedisWorker:
                 continue
             if taken is not None and self._accepting:
                 await self._run(*taken)
+
+    async def _join(self) -> None:
+        """Make the queue's consumer group unless it exists; with an upscaler, announce that the
+        cluster can upscale (the key ``upscaler`` SUBMIT reads before retrying a missing upscale).
+        Never cleared: a worker leaving cannot know whether others upscale."""
+        await ensure_group(self.redis, self.keys)
+        if self._runner.can_upscale:
+            await self.redis.set(self.keys.upscaler, "1")
 
     async def _take(self) -> tuple[str, str] | None:
         """(queue entry id, job id): a dead worker's entry first, else a new one."""
@@ -190,18 +202,19 @@ class RedisWorker:
         args = [self.options.prefix, GROUP, job_id, msg, self.node_id, self.options.max_deliveries,
                 repr(time.time()), self.options.result_ttl_s, self.options.event_maxlen]
         code, flat = await self._retry(self._claim_script, args=args)
-        if code not in ("run", "stop_upscale"):
+        if code not in ("run", "upscale", "stop_upscale"):
             log.info("job %s: queue entry %s not run (%s)", job_id[:12], msg, code)
             return
         fields = pairs(flat)
         claim = _Claim(ActiveJob(record=record_from_hash(job_id, fields)), fields["fence"], msg)
         self._claim = claim
-        log.info("job %s: %s on %s (delivery %s)", job_id[:12], "running" if code == "run" else "completing",
-                 self.node_id, fields.get("deliveries"))
+        log.info("job %s: %s on %s (delivery %s)", job_id[:12], _CLAIMED[code], self.node_id, fields.get("deliveries"))
         helpers = [asyncio.create_task(self._flusher(claim)), asyncio.create_task(self._heartbeat(claim))]
         try:
             if code == "run":
                 await self._runner.run(claim.active)
+            elif code == "upscale":  # its image is saved: never generated again
+                await self._runner.upscale_saved(claim.active)
             else:
                 await self._complete_stopped(claim.active)
         except Exception:  # the runner handles job errors; this guards the worker itself

@@ -4,11 +4,15 @@ Keys are built inside the scripts from a prefix (ARGV[1]), so the backend target
 Redis/Valkey (optionally with replicas), not Redis Cluster. Each script's contract:
 
 - SUBMIT: dedup + record + enqueue + first status event + the client's job list, at once. A new
-  interest joining a job whose cancel was requested withdraws the request (``cancel`` = 0).
+  interest joining a job whose cancel was requested withdraws the request (``cancel`` = 0). A
+  completed job whose upscale is missing (``JobRecord.upscale_missing``) runs that upscale again
+  (completed -> generated, a new attempt) when the API node asks for it with the result it saw and
+  a worker with an upscaler has announced itself (key ``upscaler``); else it is answered as cached.
 - CLAIM: a worker took a queue entry: check it is still wanted, count the delivery (ending a job
   that crashed ``max_deliveries`` workers as failed), bump the fence and name the owner. A
-  ``generated`` job whose cancel was requested is taken over only to complete it with its image
-  (``stop_upscale``: the worker writes the result's ``upscale_error``).
+  ``generated`` job (its worker died while upscaling, or an upscale retry) is taken over to upscale
+  its saved image (``upscale``), never to generate it again; one whose cancel was requested only to
+  complete it with its image (``stop_upscale``: the worker writes the result's ``upscale_error``).
 - MOVE: a worker-side state change, fenced by (worker, fence): a worker whose job was taken over
   (or cancelled, or finished by someone else) changes nothing. A worker reporting ``cancelled``
   for a job that someone wants again (an interest joined after the worker read the cancel flag)
@@ -25,15 +29,19 @@ state table; so is the reclaim move (processing -> pending), which CLAIM makes f
 
 Job hash fields: spec status created_at updated_at result error failure owner attempt (the record), plus
 worker fence deliveries cancel msg seq last_event (control); list ``cx:{id}`` is the cancel wake-up.
-Fields are strings: Lua never decodes the spec or result JSON (cjson would round a 63-bit seed).
+Fields are strings: Lua never decodes the spec or result JSON (cjson would round a 63-bit seed), so
+the upscale retry's result (``upscale_error`` cleared) is written by the API node, which compares it
+with what it read (ARGV), not by the script.
 """
 
 from __future__ import annotations
 
 from server.core.states import CANCELLABLE, STOPPABLE, TERMINAL, TRANSITIONS, FailureCode, JobStatus, lua_set
 
-# The reclaim is a move of the state table; it is asserted here so the script cannot drift from it.
+# The reclaim and the upscale retry are moves of the state table; asserted here so the scripts cannot
+# drift from it.
 assert JobStatus.PENDING in TRANSITIONS[JobStatus.PROCESSING]
+assert JobStatus.GENERATED in TRANSITIONS[JobStatus.COMPLETED]
 
 COMMON = r"""
 local P = ARGV[1]
@@ -75,9 +83,15 @@ end
 """
 
 # ARGV: P GROUP id now spec owner interest client max_queue max_per_interest maxlen [requester] [list ttl]
+#       [seen result] [retry result]
 # -> {code, hash-as-flat-list, preview-hash-as-flat-list[, jobs ahead]}
+# code: created | joined | cached | upscale (the upscale retry, queued) | full | interest_full | requester_full
 # A requester (core.fairness: API key or address) may have max_per_interest unfinished jobs it
 # created, in set rq:{requester}; finished ones are dropped from it lazily, here.
+# Upscale retry: a completed job whose result is still exactly ``seen result`` (one the API node found
+# missing its upscale) becomes generated with ``retry result``, as new work (the same limits), if a
+# worker announced an upscaler (key ``upscaler``: set by such workers, never cleared; one without an
+# upscaler that claims the retry completes it with "upscaling is not available on this server").
 SUBMIT = COMMON + r"""
 local id, now, interest, client = ARGV[3], ARGV[4], ARGV[7], ARGV[8]
 local key = jk(id)
@@ -103,7 +117,9 @@ if st and not is_terminal(st) then
   if redis.call('HGET', key, 'cancel') == '1' then redis.call('HSET', key, 'cancel', '0') end
   return {'joined', redis.call('HGETALL', key), redis.call('HGETALL', P .. 'pv:' .. id)}
 end
-if st == 'completed' then
+local retry = st == 'completed' and ARGV[14] and ARGV[14] ~= '' and redis.call('HGET', key, 'result') == ARGV[14]
+  and redis.call('EXISTS', P .. 'upscaler') == 1
+if st == 'completed' and not retry then
   link(false)
   return {'cached', redis.call('HGETALL', key), {}}
 end
@@ -128,7 +144,7 @@ if rq then
   redis.call('SADD', rq, id)
 end
 local attempt = 1
-if st then  -- failed or cancelled before: run it again, under the same id
+if st then  -- failed or cancelled before: run it again; completed: its upscale (retry). Same id.
   attempt = tonumber(redis.call('HGET', key, 'attempt') or '1') + 1
   redis.call('DEL', P .. 'ev:' .. id, P .. 'pv:' .. id, P .. 'int:' .. id)
   redis.call('PERSIST', key)
@@ -137,16 +153,18 @@ else
 end
 local seq = redis.call('INCR', P .. 'seq')
 local msg = redis.call('XADD', P .. 'queue', '*', 'id', id)
-redis.call('HSET', key, 'status', 'pending', 'updated_at', now, 'result', '', 'error', '', 'failure', '', 'attempt', attempt,
+redis.call('HSET', key, 'status', retry and 'generated' or 'pending', 'updated_at', now,
+  'result', retry and ARGV[15] or '', 'error', '', 'failure', '', 'attempt', attempt,
   'deliveries', 0, 'cancel', '0', 'worker', '', 'msg', msg, 'seq', seq)
 redis.call('ZADD', P .. 'pending', seq, id)
 link(true)
 emit_status(id, ARGV[11])
-return {'created', redis.call('HGETALL', key), {}}
+return {retry and 'upscale' or 'created', redis.call('HGETALL', key), {}}
 """
 
 # ARGV: P GROUP id msg worker max_deliveries now ttl maxlen -> {code, hash}
-# code: run | stop_upscale (complete the generated job with its image, run nothing) | stale | cancelled | poison
+# code: run | upscale (upscale the generated job's saved image) | stop_upscale (complete the generated
+# job with its image, run nothing) | stale | cancelled | poison
 CLAIM = COMMON + r"""
 local id, msg, worker, now, ttl, maxlen = ARGV[3], ARGV[4], ARGV[5], ARGV[7], ARGV[8], ARGV[9]
 local key = jk(id)
@@ -175,6 +193,13 @@ if deliveries > tonumber(ARGV[6]) then
   return {'poison', {}}
 end
 redis.call('HINCRBY', key, 'fence', 1)
+if f[1] == 'generated' then
+  -- Its image is saved (an upscale retry, or its worker died while upscaling): only the upscale runs.
+  redis.call('HSET', key, 'worker', worker)
+  redis.call('ZREM', P .. 'pending', id)
+  redis.call('SADD', P .. 'running', id)
+  return {'upscale', redis.call('HGETALL', key)}
+end
 -- A job taken over from a dead worker starts again from the queue's view: pending.
 redis.call('HSET', key, 'worker', worker, 'status', 'pending')
 return {'run', redis.call('HGETALL', key)}

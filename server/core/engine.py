@@ -11,7 +11,6 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from dataclasses import replace
 
 from server.core import files
 from server.core.disk import DiskSpace
@@ -190,15 +189,13 @@ class JobEngine:
 
     def _upscale_missing(self, record: JobRecord) -> bool:
         """A completed job that asked for an upscale and got none, on a server that can upscale."""
-        return (record.status is JobStatus.COMPLETED and record.spec.upscale and record.result is not None
-                and record.result.upscale_error is not None and self._runner.can_upscale)
+        return record.upscale_missing and self._runner.can_upscale
 
     async def _retry_upscale(self, completed: JobRecord, interest, client_id, subscribe, requester) -> Submission:
         """A repeat of a request whose upscale failed or was cut short: run the upscale again
         (completed -> generated, a new attempt); the generated image is kept, not generated again."""
         await self._admit(interest, requester)
-        retry = completed.moved_to(JobStatus.GENERATED, attempt=completed.attempt + 1,
-                                   result=replace(completed.result, upscale_error=None))
+        retry = completed.upscale_retry()
         try:
             await self.store.put(retry)
         except Exception as exc:  # the completed result stays the answer

@@ -58,6 +58,19 @@ class JobRecord:
         check_transition(self.job_id, self.status, status)
         return replace(self, status=status, updated_at=time.time(), **changes)
 
+    @property
+    def upscale_missing(self) -> bool:
+        """Completed, asked for an upscale and got none (``result.upscale_error``: the upscale failed
+        or was cut short). A repeat of the request runs it again where the server can upscale."""
+        return (self.status is JobStatus.COMPLETED and self.spec.upscale and self.result is not None
+                and self.result.upscale_error is not None)
+
+    def upscale_retry(self) -> "JobRecord":
+        """The record that runs a missing upscale again (completed -> generated, a new attempt,
+        ``upscale_error`` cleared); its generated images stay as they are."""
+        return self.moved_to(JobStatus.GENERATED, attempt=self.attempt + 1,
+                             result=replace(self.result, upscale_error=None))
+
 
 @dataclass
 class Progress:

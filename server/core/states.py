@@ -50,8 +50,8 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.GENERATED: frozenset({JobStatus.COMPLETED, JobStatus.FAILED}),
     # completed -> generated: an upscale retry, as a new attempt (attempt + 1). A job that completed
     # without its upscale (``result.upscale_error``: the upscale failed or a restart cut it short)
-    # and is requested again runs the missing upscale; its generated image stays as it is.
-    # Single node only: the Redis backend answers such a repeat from the cache.
+    # and is requested again runs the missing upscale; its generated image stays as it is (both
+    # backends: ``JobRecord.upscale_retry``; Redis: the SUBMIT script).
     JobStatus.COMPLETED: frozenset({JobStatus.GENERATED}),
     JobStatus.FAILED: frozenset({JobStatus.PENDING}),  # resubmission
     JobStatus.CANCELLED: frozenset({JobStatus.PENDING}),  # resubmission

@@ -39,10 +39,14 @@ class Lua:
         self._cancel = client.register_script(scripts.CANCEL)
         client.xgroup_create(self.keys.queue, GROUP, id="0", mkstream=True)
 
-    # ARGV: P GROUP id now spec owner interest client max_queue max_per_interest maxlen
-    def submit(self, job_id=JOB, interest="i1", client="c1", owner="", max_queue=100, max_per_interest=100):
-        return self._submit(args=[PREFIX, GROUP, job_id, now(), SPEC_JSON, owner, interest, client, max_queue,
-                                  max_per_interest, MAXLEN])
+    # ARGV: P GROUP id now spec owner interest client max_queue max_per_interest maxlen [requester] [list ttl]
+    #       [seen result] [retry result]
+    def submit(self, job_id=JOB, interest="i1", client="c1", owner="", max_queue=100, max_per_interest=100,
+               spec_json=SPEC_JSON, retry: tuple[str, str] | None = None):
+        args = [PREFIX, GROUP, job_id, now(), spec_json, owner, interest, client, max_queue, max_per_interest, MAXLEN]
+        if retry is not None:  # the API node asks for the upscale retry: (the result it saw, the retry's)
+            args += ["", "", *retry]
+        return self._submit(args=args)
 
     def read(self, worker="w1") -> str:
         """XREADGROUP as a worker does: the entry enters the worker's pending list. Returns its id."""

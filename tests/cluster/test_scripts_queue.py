@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from server.cluster.codec import GROUP, pairs, record_from_hash
 from server.core.events import EventKind, JobEvent, PreviewImage
 from server.core.states import FailureCode, JobStatus
+from server.core.jobs import ImageFile
 from tests.cluster.lua import JOB, PREFIX, RESULT, SPEC, SPEC_JSON
 from tests.engine_helpers import spec
 
@@ -209,3 +211,102 @@ def test_claim_poison(lua):
     event = lua.status_events()[-1]
     assert event["status"] == "failed" and event["failure"] == "worker_lost"
     lua.assert_terminal_cleanup(msg)
+
+
+# -- SUBMIT: the upscale retry (issue 15) ---------------------------------------------------
+
+UPSCALE_SPEC = spec("lua upscale retry", upscale=True)
+UPSCALE_JOB = UPSCALE_SPEC.job_id
+UPSCALE_SPEC_JSON = json.dumps(UPSCALE_SPEC.to_dict(), sort_keys=True)
+# The seed is 63-bit: the retry result must reach the hash byte for byte (Lua never re-encodes it).
+CUT_SHORT = replace(RESULT, seeds=(2**63 - 25,), upscale_error="upscaling failed: out of GPU memory while upscaling")
+RETRY = replace(CUT_SHORT, upscale_error=None)
+
+
+def completed_without_upscale(lua, upscaler=True) -> tuple[str, str]:
+    """An upscale job that completed with ``upscale_error``: (its queue entry, its result JSON)."""
+    if upscaler:
+        lua.r.set(lua.keys.upscaler, "1")
+    assert lua.submit(job_id=UPSCALE_JOB, spec_json=UPSCALE_SPEC_JSON)[0] == "created"
+    msg = lua.read()
+    fence = pairs(lua.claim(msg, job_id=UPSCALE_JOB)[1])["fence"]
+    assert lua.move(fence, JobStatus.PROCESSING, job_id=UPSCALE_JOB) == ["ok", "0"]
+    result = json.dumps(CUT_SHORT.to_dict())
+    assert lua.move(fence, JobStatus.COMPLETED, result=result, job_id=UPSCALE_JOB) == ["ok", "0"]
+    return msg, result
+
+
+def test_submit_retries_a_missing_upscale(lua):
+    msg, result = completed_without_upscale(lua)
+    assert lua.submit(job_id=UPSCALE_JOB, interest="i2", spec_json=UPSCALE_SPEC_JSON)[0] == "cached", \
+        "without the API node's request: cached"
+    retry = json.dumps(RETRY.to_dict())
+    code, flat, preview = lua.submit(job_id=UPSCALE_JOB, interest="i2", client="c2", spec_json=UPSCALE_SPEC_JSON,
+                                     retry=(result, retry))
+    assert code == "upscale" and preview == []
+    fields = pairs(flat)
+    assert fields == lua.job(UPSCALE_JOB)
+    assert {k: fields[k] for k in ("status", "attempt", "result", "error", "failure", "deliveries", "cancel", "worker")} == {
+        "status": "generated", "attempt": "2", "result": retry, "error": "", "failure": "", "deliveries": "0",
+        "cancel": "0", "worker": ""}
+    record = record_from_hash(UPSCALE_JOB, fields)
+    assert record.result == RETRY and record.result.seeds == (2**63 - 25,)
+    assert lua.r.ttl(lua.keys.job(UPSCALE_JOB)) == -1, "no longer expiring"
+    assert fields["msg"] != msg and lua.r.xrange(lua.keys.queue, fields["msg"], fields["msg"])
+    assert lua.r.zscore(lua.keys.pending, UPSCALE_JOB) is not None, "queued: counted as pending work"
+    assert lua.r.smembers(f"{PREFIX}int:{UPSCALE_JOB}") == {"i2"}
+    assert lua.r.zrange(lua.keys.client("c2"), 0, -1) == [UPSCALE_JOB]
+    [(eid, event)] = lua.events(UPSCALE_JOB)
+    assert event["status"] == "generated" and event["attempt"] == "2" and event["result"] == retry
+    assert fields["last_event"] == eid
+    # A repeat while the retry waits joins it (even one asking for a retry again).
+    assert lua.submit(job_id=UPSCALE_JOB, interest="i3", spec_json=UPSCALE_SPEC_JSON, retry=(result, retry))[0] == "joined"
+    # A worker takes it to upscale the saved image, not to generate it again.
+    new_msg = lua.read("w2")
+    code, flat = lua.claim(new_msg, "w2", job_id=UPSCALE_JOB)
+    assert code == "upscale"
+    fields = pairs(flat)
+    assert fields["status"] == "generated" and fields["worker"] == "w2" and fields["deliveries"] == "1"
+    assert lua.r.zscore(lua.keys.pending, UPSCALE_JOB) is None and lua.r.sismember(lua.keys.running, UPSCALE_JOB)
+    upscaled = json.dumps(replace(RETRY, images=(ImageFile("x.png", "x-upscaled.png"),)).to_dict())
+    assert lua.move(fields["fence"], JobStatus.COMPLETED, worker="w2", result=upscaled, job_id=UPSCALE_JOB) == ["ok", "0"]
+    assert [e["status"] for e in lua.status_events(UPSCALE_JOB)] == ["generated", "completed"]
+    lua.assert_terminal_cleanup(new_msg, job_id=UPSCALE_JOB, interests=("i2", "i3"))
+
+
+def test_submit_answers_from_the_cache_when_no_worker_can_upscale(lua):
+    _, result = completed_without_upscale(lua, upscaler=False)
+    before = lua.job(UPSCALE_JOB)
+    code, flat, _ = lua.submit(job_id=UPSCALE_JOB, interest="i2", spec_json=UPSCALE_SPEC_JSON,
+                               retry=(result, json.dumps(RETRY.to_dict())))
+    assert code == "cached" and pairs(flat) == before == lua.job(UPSCALE_JOB)
+
+
+def test_submit_retries_only_the_result_the_api_node_read(lua):
+    """Another node's retry finished between this node's read and its retry: the job is not run again."""
+    _, result = completed_without_upscale(lua)
+    newer = json.dumps(replace(RETRY, images=(ImageFile("x.png", "x-upscaled.png"),)).to_dict())
+    lua.r.hset(lua.keys.job(UPSCALE_JOB), "result", newer)
+    code, flat, _ = lua.submit(job_id=UPSCALE_JOB, interest="i2", spec_json=UPSCALE_SPEC_JSON,
+                               retry=(result, json.dumps(RETRY.to_dict())))
+    assert code == "cached" and pairs(flat)["result"] == newer and pairs(flat)["attempt"] == "1"
+
+
+def test_submit_upscale_retry_is_new_work_under_the_limits(lua):
+    _, result = completed_without_upscale(lua)
+    assert lua.submit(interest="i9")[0] == "created"  # another job fills the queue of one
+    assert lua.submit(job_id=UPSCALE_JOB, interest="i2", spec_json=UPSCALE_SPEC_JSON, max_queue=1,
+                      retry=(result, json.dumps(RETRY.to_dict()))) == ["full", [], []]
+    assert lua.job(UPSCALE_JOB)["status"] == "completed"
+
+
+def test_claim_of_a_dead_workers_generated_job_upscales_it(lua):
+    """A worker died while upscaling: the next one upscales the saved image (before: generated
+    again from the start, the job set back to pending)."""
+    msg, fence = lua.running_job("w1")
+    assert lua.move(fence, JobStatus.GENERATED, result=json.dumps(RESULT.to_dict())) == ["ok", "0"]
+    code, flat = lua.claim(msg, "w2")
+    fields = pairs(flat)
+    assert code == "upscale" and fields["status"] == "generated" and fields["result"] == json.dumps(RESULT.to_dict())
+    assert fields["worker"] == "w2" and fields["fence"] == str(int(fence) + 1) and fields["deliveries"] == "2"
+    assert lua.move(fence, JobStatus.COMPLETED, "w1") == ["fenced", "generated"], "the old owner is fenced out"
