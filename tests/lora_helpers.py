@@ -1,6 +1,7 @@
-"""Tiny LoRA adapters for the tiny Z-Image transformer, built offline with ``peft`` at test time:
-diffusers' own layout (``save_lora_weights``) and the non-diffusers layout (``diffusion_model.``
-prefix, ``lora_down``/``lora_up`` + ``alpha``) that diffusers' lora_conversion_utils converts."""
+"""Tiny LoRA adapters for the tiny Z-Image and tiny CogView4 transformers, built offline with ``peft``
+at test time: diffusers' own layout (the pipeline class's ``save_lora_weights``, which its
+``load_lora_weights`` reads) and, for Z-Image, the non-diffusers layout (``diffusion_model.`` prefix,
+``lora_down``/``lora_up`` + ``alpha``) that diffusers' lora_conversion_utils converts."""
 
 from __future__ import annotations
 
@@ -8,24 +9,37 @@ import functools
 from pathlib import Path
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# tiny model name -> (pipeline class, transformer class); both transformers name their attention
+# projections to_q/to_k/to_v/to_out.0 (Z-Image: layers.N.attention, CogView4: transformer_blocks.N.attn1).
+MODELS = {"z-image": ("ZImagePipeline", "ZImageTransformer2DModel"),
+          "cogview4": ("CogView4Pipeline", "CogView4Transformer2DModel")}
 
 
-@functools.lru_cache(maxsize=None)
-def _state_dict(cache_dir: str, seed: int, rank: int, width: int | None) -> dict:
-    import torch
-    from diffusers import ZImageTransformer2DModel
-    from peft import LoraConfig, get_peft_model_state_dict
+def _transformer(cache_dir: str, model: str, width: int | None):
+    import diffusers
 
     from server.inference import tiny_models
 
-    folder = tiny_models.tiny_model_dir(Path(cache_dir), "z-image") / "transformer"
+    cls = getattr(diffusers, MODELS[model][1])
+    folder = tiny_models.tiny_model_dir(Path(cache_dir), model) / "transformer"
     if width is None:
-        transformer = ZImageTransformer2DModel.from_pretrained(folder)
-    else:  # a transformer of another width: its adapter fits no layer of the tiny model
-        config = dict(ZImageTransformer2DModel.load_config(folder))
+        return cls.from_pretrained(folder)
+    # a transformer of another width: its adapter fits no layer of the tiny model
+    config = dict(cls.load_config(folder))
+    if model == "z-image":
         config["dim"] = width
         config["n_heads"] = config["n_kv_heads"] = width // sum(config["axes_dims"])
-        transformer = ZImageTransformer2DModel.from_config(config)
+    else:
+        config["num_attention_heads"] = width // config["attention_head_dim"]
+    return cls.from_config(config)
+
+
+@functools.lru_cache(maxsize=None)
+def _state_dict(cache_dir: str, seed: int, rank: int, width: int | None, model: str = "z-image") -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    transformer = _transformer(cache_dir, model, width)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS,
@@ -35,17 +49,20 @@ def _state_dict(cache_dir: str, seed: int, rank: int, width: int | None) -> dict
 
 
 def write_adapter(path: Path, cache_dir: Path, seed: int = 1, rank: int = 4, layout: str = "diffusers",
-                  width: int | None = None) -> Path:
-    """Write an adapter for the tiny Z-Image (``width``: built for another width) to ``path``."""
-    from diffusers import ZImagePipeline
+                  width: int | None = None, model: str = "z-image") -> Path:
+    """Write an adapter for the tiny ``model`` (``width``: built for another width) to ``path``."""
+    import diffusers
     from safetensors.torch import save_file
 
     import torch
 
-    state = _state_dict(str(cache_dir), seed, rank, width)
+    state = _state_dict(str(cache_dir), seed, rank, width, model)
     path.parent.mkdir(parents=True, exist_ok=True)
     if layout == "diffusers":
-        ZImagePipeline.save_lora_weights(str(path.parent), transformer_lora_layers=state, weight_name=path.name)
+        pipeline_class = getattr(diffusers, MODELS[model][0])
+        pipeline_class.save_lora_weights(str(path.parent), transformer_lora_layers=state, weight_name=path.name)
+    elif layout == "peft":  # PEFT's own names, without the pipeline's ``transformer.`` prefix
+        save_file(state, str(path))
     else:
         converted = {}
         for key, value in state.items():
@@ -67,16 +84,17 @@ def write_unrelated(path: Path) -> Path:
     return path
 
 
-def write_broken(path: Path, cache_dir: Path) -> Path:
-    """An adapter whose header looks right for the tiny Z-Image (family, to_q width) but one of
+def write_broken(path: Path, cache_dir: Path, model: str = "z-image") -> Path:
+    """An adapter whose header looks right for the tiny ``model`` (family, to_q width) but one of
     whose tensors has the wrong shape: it passes the submit check and fails to load."""
-    from diffusers import ZImagePipeline
+    import diffusers
 
     import torch
 
-    state = dict(_state_dict(str(cache_dir), 9, 4, None))
+    state = dict(_state_dict(str(cache_dir), 9, 4, None, model))
     key = next(k for k in state if k.endswith("to_v.lora_B.weight"))
     state[key] = torch.ones(state[key].shape[0] // 2, state[key].shape[1])
     path.parent.mkdir(parents=True, exist_ok=True)
-    ZImagePipeline.save_lora_weights(str(path.parent), transformer_lora_layers=state, weight_name=path.name)
+    pipeline_class = getattr(diffusers, MODELS[model][0])
+    pipeline_class.save_lora_weights(str(path.parent), transformer_lora_layers=state, weight_name=path.name)
     return path

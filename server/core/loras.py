@@ -29,7 +29,8 @@ _MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own bound on i
 _HASH_CHUNK = 1 << 20
 _LAYER_INDEX = re.compile(r"(layers|refiner|transformer_blocks)[._](\d+)[._]")
 # Key fragments that identify the model family an adapter was trained for (after any of the
-# layouts diffusers converts: ``transformer.``, ``diffusion_model.``, ``lora_unet_`` prefixes).
+# layouts diffusers converts for Z-Image: ``transformer.``, ``diffusion_model.``, ``lora_unet_``
+# prefixes; CogView4's loader converts none, see ``_cogview4_loader_reads``).
 _FAMILY_MARKERS = {
     "ZImagePipeline": ("attention", "feed_forward", "refiner", "adaLN_modulation"),
     "CogView4Pipeline": ("transformer_blocks", "attn1", "norm1"),
@@ -199,12 +200,25 @@ def _inspect(shapes: dict[str, list[int]]) -> tuple[int | None, str | None]:
         if any(_LAYER_INDEX.search(k) for k in lora_keys) and any(m in k for k in lora_keys for m in markers):
             family = pipeline_class
             break
+    if family == "CogView4Pipeline" and not _cogview4_loader_reads(shapes):
+        family = None
     width = None
     for key in lora_keys:
         if "to_q" in key and ("lora_A" in key or "lora_down" in key) and len(shapes[key]) == 2:
             width = shapes[key][1]
             break
     return width, family
+
+
+def _cogview4_loader_reads(shapes: dict[str, list[int]]) -> bool:
+    """Whether ``CogView4Pipeline.load_lora_weights`` (diffusers 0.42) loads anything from these keys.
+
+    Unlike Z-Image's loader it converts no other layout: it refuses a file with a key lacking
+    ``lora`` (``dora_scale`` keys dropped first; ``diffusion_model.*.alpha`` keys fail here) and
+    loads only keys under ``transformer.`` (bare PEFT names and ``lora_unet_`` keys load nothing, with
+    a warning). Such a file would pass the submit check and fail every job on the GPU thread."""
+    keys = [k for k in shapes if "dora_scale" not in k]
+    return all("lora" in k for k in keys) and any(k.startswith("transformer.") for k in keys)
 
 
 async def resolve_async(directory: LoraDirectory, requested: list | None, profile: ModelProfile,

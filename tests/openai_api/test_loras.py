@@ -1,4 +1,5 @@
-"""LoRA adapters through the public interfaces of a real server over the tiny Z-Image: GET /v1/loras,
+"""LoRA adapters through the public interfaces of a real server over the tiny Z-Image (and the tiny
+CogView4, selected by ``model``): GET /v1/loras,
 the ``loras`` field on generations (official SDK), edits (multipart) and WebSocket create_job; job
 identity (weights, file content), dedup, and a 400 with ``param`` for every bad input while the
 server keeps serving."""
@@ -44,6 +45,9 @@ def server(tmp_path_factory):
     write_adapter(root / "beta.safetensors", SHARED_CACHE, seed=2)
     write_unrelated(root / "junk.safetensors")
     write_broken(root / "broken.safetensors", SHARED_CACHE)
+    write_adapter(root / "cv_alpha.safetensors", SHARED_CACHE, seed=1, model="cogview4")
+    write_adapter(root / "cv_kohya.safetensors", SHARED_CACHE, seed=1, model="cogview4", layout="kohya")
+    write_broken(root / "cv_broken.safetensors", SHARED_CACHE, model="cogview4")
     generator = CountingGenerator(SHARED_CACHE, device="cpu",
                                   adapters=Adapters(LoraDirectory(root), max_count=4, max_bytes=1 << 30))
     with live(tmp, generator=generator, upscaler=NO_UPSCALER, lora_dir=root, max_loras=2,
@@ -101,7 +105,10 @@ def test_replacing_the_file_changes_the_job_id(server, tmp_path):
     ([{"name": "junk"}], {}, "loras[0].name"),
     ([{"name": "alpha"}, {"name": "alpha"}], {}, "loras[1].name"),
     ([{"name": "alpha"}], {"model": "tiny-cogview4"}, "loras[0].name"),
+    ([{"name": "cv_alpha"}], {}, "loras[0].name"),  # a CogView4 adapter for the Z-Image
+    ([{"name": "cv_kohya"}], {"model": "tiny-cogview4"}, "loras[0].name"),  # a layout CogView4's loader cannot read
     ([{"name": "broken"}], {}, "loras"),  # passes the header check, fails to load on the GPU thread
+    ([{"name": "cv_broken"}], {"model": "tiny-cogview4"}, "loras"),
 ])
 def test_bad_input_is_a_400_naming_the_param(server, loras, extra, param):
     with pytest.raises(openai.BadRequestError) as caught:
@@ -109,6 +116,23 @@ def test_bad_input_is_a_400_naming_the_param(server, loras, extra, param):
     assert caught.value.status_code == 400 and caught.value.body["param"] == param
     plain = generate(server, seed=11)
     assert generate(server, [{"name": "alpha", "weight": 0.0}], seed=11).data[0].b64_json == plain.data[0].b64_json
+
+
+def test_cogview4_adapters_through_the_sdk(server):
+    """Weight 1 changes the CogView4 image, weight 0 does not, and a job without adapters that runs
+    right after a weight-1 job (``n=2``: a new job whose first image has the same seed) is the one before."""
+    assert listing(server)["cv_alpha"]["models"] == ["tiny-cogview4"]
+    assert listing(server)["cv_kohya"]["models"] == []
+    plain = generate(server, model="tiny-cogview4", seed=21)
+    zero = generate(server, [{"name": "cv_alpha", "weight": 0.0}], model="tiny-cogview4", seed=21)
+    adapted = generate(server, [{"name": "cv_alpha", "weight": 1.0}], model="tiny-cogview4", seed=21)
+    assert len({plain.job_id, adapted.job_id, zero.job_id}) == 3
+    assert adapted.data[0].b64_json != plain.data[0].b64_json
+    assert zero.data[0].b64_json == plain.data[0].b64_json
+    assert listing(server)["cv_alpha"]["loaded"] is True
+    after = client(server).images.generate(prompt="a lighthouse", size="64x64", model="tiny-cogview4", n=2,
+                                           extra_body={"seed": 21, "num_inference_steps": 2})
+    assert after.job_id != plain.job_id and after.data[0].b64_json == plain.data[0].b64_json
 
 
 def test_edits_take_loras_as_json_text(server):
