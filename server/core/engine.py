@@ -156,7 +156,7 @@ class JobEngine:
             await self._link(active, client_id)
             return Submission(active.record, False, self._subscribe(active.record, active) if subscribe else None)
         existing = await self._lookup(job_id)
-        if existing is not None and self._upscale_missing(existing):
+        if existing is not None and existing.upscale_missing and self._runner.can_upscale:
             return await self._retry_upscale(existing, interest, client_id, subscribe, requester)
         if existing is not None and existing.status is JobStatus.COMPLETED:
             if client_id:
@@ -186,10 +186,6 @@ class JobEngine:
         self._enqueue(active)
         log.info("job %s: queued (%s %dx%d, %d steps, n=%d)", job_id[:12], spec.model, spec.width, spec.height, spec.steps, spec.n)
         return Submission(record, True, subscriber)
-
-    def _upscale_missing(self, record: JobRecord) -> bool:
-        """A completed job that asked for an upscale and got none, on a server that can upscale."""
-        return record.upscale_missing and self._runner.can_upscale
 
     async def _retry_upscale(self, completed: JobRecord, interest, client_id, subscribe, requester) -> Submission:
         """A repeat of a request whose upscale failed or was cut short: run the upscale again
