@@ -8,6 +8,8 @@ Redis/Valkey (optionally with replicas), not Redis Cluster. Each script's contra
   completed job whose upscale is missing (``JobRecord.upscale_missing``) runs that upscale again
   (completed -> generated, a new attempt) when the API node asks for it with the result it saw and
   a worker with an upscaler has announced itself (key ``upscaler``); else it is answered as cached.
+  While the API node found the shared output directory's disk nearly full (``DiskSpace``), new work
+  (a new job, a re-run, the upscale retry) is refused (``no_space``); joins and cached answers are not.
 - CLAIM: a worker took a queue entry: check it is still wanted, count the delivery (ending a job
   that crashed ``max_deliveries`` workers as failed), bump the fence and name the owner. A
   ``generated`` job (its worker died while upscaling, or an upscale retry) is taken over to upscale
@@ -83,9 +85,12 @@ end
 """
 
 # ARGV: P GROUP id now spec owner interest client max_queue max_per_interest maxlen [requester] [list ttl]
-#       [seen result] [retry result]
+#       [disk low] [seen result] [retry result]
 # -> {code, hash-as-flat-list, preview-hash-as-flat-list[, jobs ahead]}
-# code: created | joined | cached | upscale (the upscale retry, queued) | full | interest_full | requester_full
+# code: created | joined | cached | upscale (the upscale retry, queued) | no_space | full | interest_full
+#       | requester_full
+# disk low ('1'): the API node read less than min_free_disk_bytes free on the shared output directory;
+# the script refuses new work only, so a join or a cached answer is never refused for it.
 # A requester (core.fairness: API key or address) may have max_per_interest unfinished jobs it
 # created, in set rq:{requester}; finished ones are dropped from it lazily, here.
 # Upscale retry: a completed job whose result is still exactly ``seen result`` (one the API node found
@@ -117,12 +122,13 @@ if st and not is_terminal(st) then
   if redis.call('HGET', key, 'cancel') == '1' then redis.call('HSET', key, 'cancel', '0') end
   return {'joined', redis.call('HGETALL', key), redis.call('HGETALL', P .. 'pv:' .. id)}
 end
-local retry = st == 'completed' and ARGV[14] and ARGV[14] ~= '' and redis.call('HGET', key, 'result') == ARGV[14]
+local retry = st == 'completed' and ARGV[15] and ARGV[15] ~= '' and redis.call('HGET', key, 'result') == ARGV[15]
   and redis.call('EXISTS', P .. 'upscaler') == 1
 if st == 'completed' and not retry then
   link(false)
   return {'cached', redis.call('HGETALL', key), {}}
 end
+if ARGV[14] == '1' then return {'no_space', {}, {}} end
 if redis.call('ZCARD', P .. 'pending') >= tonumber(ARGV[9]) then return {'full', {}, {}} end
 if redis.call('SCARD', P .. 'ia:' .. interest) >= tonumber(ARGV[10]) then return {'interest_full', {}, {}} end
 local rq = (ARGV[12] and ARGV[12] ~= '') and (P .. 'rq:' .. ARGV[12]) or nil
@@ -154,7 +160,7 @@ end
 local seq = redis.call('INCR', P .. 'seq')
 local msg = redis.call('XADD', P .. 'queue', '*', 'id', id)
 redis.call('HSET', key, 'status', retry and 'generated' or 'pending', 'updated_at', now,
-  'result', retry and ARGV[15] or '', 'error', '', 'failure', '', 'attempt', attempt,
+  'result', retry and ARGV[16] or '', 'error', '', 'failure', '', 'attempt', attempt,
   'deliveries', 0, 'cancel', '0', 'worker', '', 'msg', msg, 'seq', seq)
 redis.call('ZADD', P .. 'pending', seq, id)
 link(true)

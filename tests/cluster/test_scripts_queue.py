@@ -95,6 +95,23 @@ def test_submit_interest_full(lua):
     assert lua.submit(job_id=other, interest="i2", max_per_interest=1)[0] == "created", "another interest may"
 
 
+def test_submit_refuses_only_new_work_while_the_disk_is_low(lua):
+    """The API node found the shared output directory's disk nearly full (issue 16): a new job and a
+    re-run are refused, with nothing written; a join and a cached answer are not."""
+    assert lua.submit(disk_low=True) == ["no_space", [], []]
+    assert not lua.r.exists(lua.keys.job(JOB)) and lua.r.xlen(lua.keys.queue) == 0
+    assert not lua.r.exists(lua.keys.client("c1")) and not lua.r.exists(f"{PREFIX}ia:i1")
+    msg, fence = lua.running_job()
+    assert lua.submit(interest="i2", disk_low=True)[0] == "joined"
+    assert lua.move(fence, JobStatus.COMPLETED, result=json.dumps(RESULT.to_dict())) == ["ok", "0"]
+    assert lua.submit(interest="i3", disk_low=True)[0] == "cached"
+    other = spec("another").job_id
+    assert lua.submit(job_id=other, interest="i4")[0] == "created"
+    assert lua.cancel(interest="i4", job_id=other)[0] == "cancelled"
+    assert lua.submit(job_id=other, interest="i4", disk_low=True) == ["no_space", [], []], "a re-run is new work"
+    assert lua.job(other)["status"] == "cancelled" and lua.job(other)["attempt"] == "1"
+
+
 def test_resubmission_of_a_failed_job(lua):
     msg, fence = lua.running_job()
     assert lua.move(fence, JobStatus.FAILED, error="boom", failure=FailureCode.GENERATION_FAILED.value) == ["ok", "0"]
@@ -298,6 +315,15 @@ def test_submit_upscale_retry_is_new_work_under_the_limits(lua):
     assert lua.submit(job_id=UPSCALE_JOB, interest="i2", spec_json=UPSCALE_SPEC_JSON, max_queue=1,
                       retry=(result, json.dumps(RETRY.to_dict()))) == ["full", [], []]
     assert lua.job(UPSCALE_JOB)["status"] == "completed"
+
+
+def test_submit_upscale_retry_is_refused_while_the_disk_is_low(lua):
+    _, result = completed_without_upscale(lua)
+    before = lua.job(UPSCALE_JOB)
+    assert lua.submit(job_id=UPSCALE_JOB, interest="i2", spec_json=UPSCALE_SPEC_JSON, disk_low=True,
+                      retry=(result, json.dumps(RETRY.to_dict()))) == ["no_space", [], []]
+    assert lua.job(UPSCALE_JOB) == before, "still completed, not queued"
+    assert lua.submit(job_id=UPSCALE_JOB, interest="i2", spec_json=UPSCALE_SPEC_JSON, disk_low=True)[0] == "cached"
 
 
 def test_claim_of_a_dead_workers_generated_job_upscales_it(lua):
