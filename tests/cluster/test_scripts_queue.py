@@ -336,3 +336,25 @@ def test_claim_of_a_dead_workers_generated_job_upscales_it(lua):
     assert code == "upscale" and fields["status"] == "generated" and fields["result"] == json.dumps(RESULT.to_dict())
     assert fields["worker"] == "w2" and fields["fence"] == str(int(fence) + 1) and fields["deliveries"] == "2"
     assert lua.move(fence, JobStatus.COMPLETED, "w1") == ["fenced", "generated"], "the old owner is fenced out"
+
+
+def test_claim_of_a_generated_job_past_max_deliveries_hands_it_over_to_complete(lua):
+    """Its upscale crashed ``max_deliveries`` workers: the next worker gets it only to complete it with
+    its saved image (``exhausted``), as a single node's RECOVERY_EXHAUSTED does; before, CLAIM ended it
+    ``failed`` ("the job stopped 2 workers"), dropping that image (issue 15)."""
+    msg, fence = lua.running_job("w1")
+    result = json.dumps(RESULT.to_dict())
+    assert lua.move(fence, JobStatus.GENERATED, result=result) == ["ok", "0"]
+    assert lua.claim(msg, "w2", max_deliveries=2)[0] == "upscale"  # w1 died upscaling; w2 dies too
+    code, flat = lua.claim(msg, "w3", max_deliveries=2)
+    fields = pairs(flat)
+    assert code == "exhausted" and fields == lua.job()
+    assert fields["status"] == "generated" and fields["result"] == result and fields["failure"] == ""
+    assert fields["worker"] == "w3" and fields["deliveries"] == "3" and fields["fence"] == str(int(fence) + 2)
+    assert lua.r.sismember(lua.keys.running, JOB) and lua.r.zscore(lua.keys.pending, JOB) is None
+    assert lua.status_events()[-1]["status"] == "generated", "the worker writes the end (Lua cannot: seeds)"
+    done = json.dumps(replace(RESULT, upscale_error="upscaling stopped 2 workers; it is not retried").to_dict())
+    assert lua.move(fields["fence"], JobStatus.COMPLETED, worker="w3", result=done) == ["ok", "0"]
+    assert [e["status"] for e in lua.status_events()] == ["pending", "processing", "generated", "completed"]
+    assert lua.job()["result"] == done
+    lua.assert_terminal_cleanup(msg)
