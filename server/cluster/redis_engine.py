@@ -24,6 +24,7 @@ from server.cluster import scripts
 from server.core.fairness import DrainEstimate, queue_full, requester_full
 from server.cluster.codec import GROUP, Keys, client_list_name, client_name, connect, default_node_id, pairs, preview_event, reader_client, record_from_hash, result_json
 from server.cluster.streams import FeedReader
+from server.core.disk import DiskSpace
 from server.core.lru import LruCache
 from server.core.ports import EngineConfig, Submission
 from server.core.spec import scoped_job_id
@@ -77,6 +78,8 @@ class RedisEngine:
         self.hub = self._reader.hub
         self._submit = self.redis.register_script(scripts.SUBMIT)
         self._cancel = self.redis.register_script(scripts.CANCEL)
+        # The shared output directory every node mounts: new jobs wait while its disk is nearly full.
+        self._disk = DiskSpace(config.output_dir, config.min_free_disk_bytes)
         self._accepting = False
         self._pending: dict[str, int] = {}  # stats snapshot: job id -> place in the queue
         self._running = 0
@@ -116,15 +119,20 @@ class RedisEngine:
         """As ``JobEngine.submit``; dedup, record, enqueue, first event and the client's job list
         happen in one script, so racing identical submits on any nodes make one job. A completed job
         whose upscale is missing runs it again (a second SUBMIT, with the result this one read: the
-        script retries only if the job is still that, and a worker announced an upscaler)."""
+        script retries only if the job is still that, and a worker announced an upscaler). While the
+        shared output directory's disk is nearly full, new work raises ``StorageUnavailable``; the
+        script decides what is new, so joins and cached answers are still served."""
         if not self._accepting:
             raise ShuttingDown("the server is shutting down and accepts no new jobs")
         job_id = scoped_job_id(spec, owner)
+        no_space = await self._disk.refusal()  # raised only if SUBMIT finds the job is new work
         args = [self.options.prefix, GROUP, job_id, repr(time.time()), _spec_json(spec), owner or "", interest,
                 client_list_name(client_id, owner) if client_id else "", self.config.max_queue, self.config.max_queue_per_client, self.options.event_maxlen,
-                requester or "", self.options.result_ttl_s]
+                requester or "", self.options.result_ttl_s, "1" if no_space else ""]
         code, flat, preview, *extra = await self._submit_or_retry_upscale(job_id, args)
         limit = self.config.max_queue_per_client
+        if code == "no_space":
+            raise no_space
         if code == "full":
             raise queue_full(self.config.max_queue, self.drain.retry_after(0))
         if code == "interest_full":

@@ -12,7 +12,9 @@
   STEP at once, also while upscaling, when no step events flow; the upscale stops at its next tile.
 
 A claimed ``generated`` job (an upscale retry, or a dead worker's job that was upscaling) runs
-``JobRunner.upscale_saved``: its saved image is read back and upscaled, never generated again.
+``JobRunner.upscale_saved``: its saved image is read back and upscaled, never generated again. One
+whose cancel was requested, or whose upscale took down ``max_deliveries`` workers, completes with that
+image and an ``upscale_error``, running nothing.
 
 Delivery: XAUTOCLAIM (entries idle past ``reclaim_idle_ms``: a dead or frozen worker's) first, then
 XREADGROUP. Heartbeats (XCLAIM JUSTID) happen only while the GPU makes progress (a step event since
@@ -41,7 +43,14 @@ from server.core.states import FailureCode, JobStatus
 
 log = logging.getLogger(__name__)
 RETRY_FOR_S = 30.0  # a state change is retried this long across a Redis outage
-_CLAIMED = {"run": "running", "upscale": "upscaling its saved image", "stop_upscale": "completing"}  # for the log
+_CLAIMED = {"run": "running", "upscale": "upscaling its saved image", "stop_upscale": "completing",
+            "exhausted": "completing"}  # for the log
+
+
+def upscale_exhausted(workers: int) -> str:
+    """The ``upscale_error`` of a generated job whose upscale stopped ``workers`` workers (as CLAIM's
+    "the job stopped N workers" for a job that is failed instead)."""
+    return f"upscaling stopped {workers} worker{'s' if workers != 1 else ''}; it is not retried"
 
 
 class StepBuffer:
@@ -202,7 +211,7 @@ class RedisWorker:
         args = [self.options.prefix, GROUP, job_id, msg, self.node_id, self.options.max_deliveries,
                 repr(time.time()), self.options.result_ttl_s, self.options.event_maxlen]
         code, flat = await self._retry(self._claim_script, args=args)
-        if code not in ("run", "upscale", "stop_upscale"):
+        if code not in _CLAIMED:
             log.info("job %s: queue entry %s not run (%s)", job_id[:12], msg, code)
             return
         fields = pairs(flat)
@@ -215,8 +224,10 @@ class RedisWorker:
                 await self._runner.run(claim.active)
             elif code == "upscale":  # its image is saved: never generated again
                 await self._runner.upscale_saved(claim.active)
-            else:
-                await self._complete_stopped(claim.active)
+            elif code == "stop_upscale":
+                await self._complete_saved(claim.active, upscale_stopped(FailureCode.CANCELLED))
+            else:  # exhausted: every earlier delivery died in the upscale
+                await self._complete_saved(claim.active, upscale_exhausted(int(fields["deliveries"]) - 1))
         except Exception:  # the runner handles job errors; this guards the worker itself
             log.exception("job %s: unexpected error in the job runner", job_id[:12])
             if not claim.active.record.status.is_terminal:
@@ -229,11 +240,12 @@ class RedisWorker:
             self._claim = None
             self._job_done.set()
 
-    async def _complete_stopped(self, active: ActiveJob) -> None:
-        """A generated job taken over after its cancel (CLAIM ``stop_upscale``): its worker died
-        before stopping the upscale. It completes with its saved image, as the stopped upscale
-        would have (single node's outcome); the upscale is not run."""
-        result = replace(active.record.result, upscale_error=upscale_stopped(FailureCode.CANCELLED))
+    async def _complete_saved(self, active: ActiveJob, upscale_error: str) -> None:
+        """Complete a generated job with its saved image and ``upscale_error``, running nothing: one
+        taken over after its cancel (CLAIM ``stop_upscale``: its worker died before stopping the
+        upscale), or one whose upscale crashed ``max_deliveries`` workers (CLAIM ``exhausted``:
+        ``states.RECOVERY_EXHAUSTED``). Single node's outcomes for the same cases."""
+        result = replace(active.record.result, upscale_error=upscale_error)
         await self.finish(active, JobStatus.COMPLETED, result=result)
 
     # -- JobHost: what JobRunner drives -------------------------------------------------------

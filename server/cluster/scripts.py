@@ -8,11 +8,15 @@ Redis/Valkey (optionally with replicas), not Redis Cluster. Each script's contra
   completed job whose upscale is missing (``JobRecord.upscale_missing``) runs that upscale again
   (completed -> generated, a new attempt) when the API node asks for it with the result it saw and
   a worker with an upscaler has announced itself (key ``upscaler``); else it is answered as cached.
+  While the API node found the shared output directory's disk nearly full (``DiskSpace``), new work
+  (a new job, a re-run, the upscale retry) is refused (``no_space``); joins and cached answers are not.
 - CLAIM: a worker took a queue entry: check it is still wanted, count the delivery (ending a job
   that crashed ``max_deliveries`` workers as failed), bump the fence and name the owner. A
   ``generated`` job (its worker died while upscaling, or an upscale retry) is taken over to upscale
-  its saved image (``upscale``), never to generate it again; one whose cancel was requested only to
-  complete it with its image (``stop_upscale``: the worker writes the result's ``upscale_error``).
+  its saved image (``upscale``), never to generate it again; one whose cancel was requested, or
+  whose upscale has crashed ``max_deliveries`` workers, only to complete it with its image
+  (``stop_upscale``, ``exhausted``: the worker writes the result's ``upscale_error``), as
+  ``states.RECOVERY_EXHAUSTED`` says (generated -> completed).
 - MOVE: a worker-side state change, fenced by (worker, fence): a worker whose job was taken over
   (or cancelled, or finished by someone else) changes nothing. A worker reporting ``cancelled``
   for a job that someone wants again (an interest joined after the worker read the cancel flag)
@@ -36,12 +40,14 @@ with what it read (ARGV), not by the script.
 
 from __future__ import annotations
 
-from server.core.states import CANCELLABLE, STOPPABLE, TERMINAL, TRANSITIONS, FailureCode, JobStatus, lua_set
+from server.core.states import (CANCELLABLE, RECOVERY_EXHAUSTED, STOPPABLE, TERMINAL, TRANSITIONS, FailureCode,
+                                JobStatus, lua_set)
 
 # The reclaim and the upscale retry are moves of the state table; asserted here so the scripts cannot
 # drift from it.
 assert JobStatus.PENDING in TRANSITIONS[JobStatus.PROCESSING]
 assert JobStatus.GENERATED in TRANSITIONS[JobStatus.COMPLETED]
+assert RECOVERY_EXHAUSTED[JobStatus.GENERATED] is JobStatus.COMPLETED  # CLAIM's ``exhausted``: the worker completes it
 
 COMMON = r"""
 local P = ARGV[1]
@@ -83,9 +89,12 @@ end
 """
 
 # ARGV: P GROUP id now spec owner interest client max_queue max_per_interest maxlen [requester] [list ttl]
-#       [seen result] [retry result]
+#       [disk low] [seen result] [retry result]
 # -> {code, hash-as-flat-list, preview-hash-as-flat-list[, jobs ahead]}
-# code: created | joined | cached | upscale (the upscale retry, queued) | full | interest_full | requester_full
+# code: created | joined | cached | upscale (the upscale retry, queued) | no_space | full | interest_full
+#       | requester_full
+# disk low ('1'): the API node read less than min_free_disk_bytes free on the shared output directory;
+# the script refuses new work only, so a join or a cached answer is never refused for it.
 # A requester (core.fairness: API key or address) may have max_per_interest unfinished jobs it
 # created, in set rq:{requester}; finished ones are dropped from it lazily, here.
 # Upscale retry: a completed job whose result is still exactly ``seen result`` (one the API node found
@@ -117,12 +126,13 @@ if st and not is_terminal(st) then
   if redis.call('HGET', key, 'cancel') == '1' then redis.call('HSET', key, 'cancel', '0') end
   return {'joined', redis.call('HGETALL', key), redis.call('HGETALL', P .. 'pv:' .. id)}
 end
-local retry = st == 'completed' and ARGV[14] and ARGV[14] ~= '' and redis.call('HGET', key, 'result') == ARGV[14]
+local retry = st == 'completed' and ARGV[15] and ARGV[15] ~= '' and redis.call('HGET', key, 'result') == ARGV[15]
   and redis.call('EXISTS', P .. 'upscaler') == 1
 if st == 'completed' and not retry then
   link(false)
   return {'cached', redis.call('HGETALL', key), {}}
 end
+if ARGV[14] == '1' then return {'no_space', {}, {}} end
 if redis.call('ZCARD', P .. 'pending') >= tonumber(ARGV[9]) then return {'full', {}, {}} end
 if redis.call('SCARD', P .. 'ia:' .. interest) >= tonumber(ARGV[10]) then return {'interest_full', {}, {}} end
 local rq = (ARGV[12] and ARGV[12] ~= '') and (P .. 'rq:' .. ARGV[12]) or nil
@@ -154,7 +164,7 @@ end
 local seq = redis.call('INCR', P .. 'seq')
 local msg = redis.call('XADD', P .. 'queue', '*', 'id', id)
 redis.call('HSET', key, 'status', retry and 'generated' or 'pending', 'updated_at', now,
-  'result', retry and ARGV[15] or '', 'error', '', 'failure', '', 'attempt', attempt,
+  'result', retry and ARGV[16] or '', 'error', '', 'failure', '', 'attempt', attempt,
   'deliveries', 0, 'cancel', '0', 'worker', '', 'msg', msg, 'seq', seq)
 redis.call('ZADD', P .. 'pending', seq, id)
 link(true)
@@ -164,7 +174,8 @@ return {retry and 'upscale' or 'created', redis.call('HGETALL', key), {}}
 
 # ARGV: P GROUP id msg worker max_deliveries now ttl maxlen -> {code, hash}
 # code: run | upscale (upscale the generated job's saved image) | stop_upscale (complete the generated
-# job with its image, run nothing) | stale | cancelled | poison
+# job with its image, run nothing) | exhausted (the same, its upscale having crashed max_deliveries
+# workers) | stale | cancelled | poison
 CLAIM = COMMON + r"""
 local id, msg, worker, now, ttl, maxlen = ARGV[3], ARGV[4], ARGV[5], ARGV[7], ARGV[8], ARGV[9]
 local key = jk(id)
@@ -187,18 +198,21 @@ if f[3] == '1' then
   redis.call('HSET', key, 'worker', worker)
   return {'stop_upscale', redis.call('HGETALL', key)}
 end
-if deliveries > tonumber(ARGV[6]) then
+local exhausted = deliveries > tonumber(ARGV[6])
+if exhausted and f[1] ~= 'generated' then
   finish(id, 'failed', 'the job stopped ' .. (deliveries - 1) .. ' workers; it is not retried',
     '""" + FailureCode.WORKER_LOST.value + r"""', now, ttl, maxlen)
   return {'poison', {}}
 end
 redis.call('HINCRBY', key, 'fence', 1)
 if f[1] == 'generated' then
-  -- Its image is saved (an upscale retry, or its worker died while upscaling): only the upscale runs.
+  -- Its image is saved (an upscale retry, or its worker died while upscaling): only the upscale runs,
+  -- or, once the upscale has crashed max_deliveries workers, nothing: the job completes with its image
+  -- (not failed, which would drop that image). The worker writes the result: Lua cannot (seeds).
   redis.call('HSET', key, 'worker', worker)
   redis.call('ZREM', P .. 'pending', id)
   redis.call('SADD', P .. 'running', id)
-  return {'upscale', redis.call('HGETALL', key)}
+  return {exhausted and 'exhausted' or 'upscale', redis.call('HGETALL', key)}
 end
 -- A job taken over from a dead worker starts again from the queue's view: pending.
 redis.call('HSET', key, 'worker', worker, 'status', 'pending')

@@ -35,13 +35,22 @@ class DiskSpace:
     async def check(self) -> None:
         """Raise ``StorageUnavailable`` (503 with Retry-After on the OpenAI API) while less than
         ``min_free_bytes`` are free; 0 turns the check off."""
+        refusal = await self.refusal()
+        if refusal is not None:
+            raise refusal
+
+    async def refusal(self) -> StorageUnavailable | None:
+        """The ``StorageUnavailable`` a new job gets now, or None while there is room (or the check
+        is off). For a backend that decides join/cache/create elsewhere (the Redis SUBMIT script):
+        it asks first and raises this only if the job turns out to be new."""
         if self.min_free_bytes <= 0:
-            return
+            return None
         free = await self.free_bytes()
-        if free < self.min_free_bytes:
-            raise StorageUnavailable(
-                f"The server's disk is nearly full ({free // 1_048_576} MiB free, new jobs need "
-                f"{self.min_free_bytes // 1_048_576} MiB); retry later.")
+        if free >= self.min_free_bytes:
+            return None
+        return StorageUnavailable(
+            f"The server's disk is nearly full ({free // 1_048_576} MiB free, new jobs need "
+            f"{self.min_free_bytes // 1_048_576} MiB); retry later.")
 
 
 def _free_bytes(directory: Path) -> int:

@@ -40,12 +40,13 @@ class Lua:
         client.xgroup_create(self.keys.queue, GROUP, id="0", mkstream=True)
 
     # ARGV: P GROUP id now spec owner interest client max_queue max_per_interest maxlen [requester] [list ttl]
-    #       [seen result] [retry result]
+    #       [disk low] [seen result] [retry result]
     def submit(self, job_id=JOB, interest="i1", client="c1", owner="", max_queue=100, max_per_interest=100,
-               spec_json=SPEC_JSON, retry: tuple[str, str] | None = None):
-        args = [PREFIX, GROUP, job_id, now(), spec_json, owner, interest, client, max_queue, max_per_interest, MAXLEN]
+               spec_json=SPEC_JSON, retry: tuple[str, str] | None = None, disk_low=False):
+        args = [PREFIX, GROUP, job_id, now(), spec_json, owner, interest, client, max_queue, max_per_interest, MAXLEN,
+                "", "", "1" if disk_low else ""]
         if retry is not None:  # the API node asks for the upscale retry: (the result it saw, the retry's)
-            args += ["", "", *retry]
+            args += [*retry]
         return self._submit(args=args)
 
     def read(self, worker="w1") -> str:

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 import pytest
 
 from server.core.engine import EngineConfig, JobEngine
-from server.core.errors import JobNotCancellable, QueueFull
+from server.core.errors import JobNotCancellable, JobNotFound, QueueFull, StorageUnavailable
 from server.core.events import EventKind
 from server.testing.fakes import FakeGenerator, FakeUpscaler
 from server.core.jobs import JobStatus
@@ -28,8 +28,13 @@ def spec(prompt: str, steps: int = 4, seed: int = 1, upscale: bool = False):
 
 
 @asynccontextmanager
-async def engine_for(backend: str, tmp_path, generator, upscaler=None):
-    config = EngineConfig(output_dir=tmp_path / "out", max_in_flight=1, max_queue=8, max_queue_per_client=4)
+async def engine_for(backend: str, tmp_path, generator, upscaler=None, kv: KVServer | None = None,
+                     grace_s: float = 2, **settings):
+    """An engine (on Redis: an API node and a worker) over ``tmp_path``'s jobs; ``kv``: an already
+    running Redis/Valkey, left running (else one is started and stopped); ``settings``: EngineConfig
+    fields. The SQLite job database stays in ``tmp_path``, so a second engine_for reopens it."""
+    config = EngineConfig(output_dir=tmp_path / "out", max_in_flight=1, max_queue=8, max_queue_per_client=4,
+                          **settings)
     config.output_dir.mkdir(parents=True, exist_ok=True)
     if backend == "sqlite":
         store = await SQLiteJobStore(tmp_path / "jobs.sqlite3").open()
@@ -38,13 +43,14 @@ async def engine_for(backend: str, tmp_path, generator, upscaler=None):
         try:
             yield engine
         finally:
-            await engine.stop(2)
+            await engine.stop(grace_s)
             await store.close()
         return
     from server.cluster.redis_engine import ClusterOptions, RedisEngine
     from server.cluster.redis_worker import RedisWorker
 
-    kv = KVServer(backend, tmp_path / "kv").start()
+    own_kv = kv is None
+    kv = kv or KVServer(backend, tmp_path / "kv").start()
     engine = RedisEngine(config, ClusterOptions(url=kv.url, node_id="api", reclaim_idle_ms=2000))
     worker = RedisWorker(config, ClusterOptions(url=kv.url, node_id="worker", reclaim_idle_ms=2000), generator,
                          upscaler or FakeUpscaler())
@@ -53,9 +59,10 @@ async def engine_for(backend: str, tmp_path, generator, upscaler=None):
     try:
         yield engine
     finally:
-        await worker.stop(2)
-        await engine.stop(2)
-        kv.stop()
+        await worker.stop(grace_s)
+        await engine.stop(grace_s)
+        if own_kv:
+            kv.stop()
 
 
 BACKENDS = ["sqlite", "redis", "valkey"]
@@ -184,6 +191,41 @@ def test_cancel_during_the_upscale_completes_the_job_with_its_image(backend, tmp
     [image] = final.result.images
     assert image.upscaled_filename is None and (tmp_path / "out" / image.filename).is_file()
     assert tiles_after <= 2, f"{tiles_after} tiles ran after the cancel"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_nearly_full_disk_refuses_new_jobs_but_not_joins_or_cached_answers(backend, tmp_path):
+    """New work waits while the output directory's disk (on Redis the shared one, read by the API
+    node) has less than ``min_free_disk_bytes`` free; joining a running job and a cached answer
+    cost no disk and are served (issue 16). The disk "fills" between two runs over the same jobs:
+    the second asks for more free space than any disk has."""
+    kv = None if backend == "sqlite" else KVServer(backend, tmp_path / "kv").start()
+    generator = FakeGenerator(step_s=0.05)
+    done, running, new = spec("made before the disk filled", steps=2), spec("running as it filled", steps=100), \
+        spec("new while it is full")
+
+    async def scenario():
+        async with engine_for(backend, tmp_path, generator, kv=kv, grace_s=0) as engine:
+            await until_terminal((await engine.submit(done, interest="a")).subscriber)
+            await engine.submit(running, interest="b", subscribe=False)  # left unfinished: kept
+        async with engine_for(backend, tmp_path, generator, kv=kv, grace_s=0, min_free_disk_bytes=2**62) as engine:
+            cached = await engine.submit(done, interest="c", client_id="c", subscribe=False)
+            joined = await engine.submit(running, interest="d", client_id="d", subscribe=False)
+            with pytest.raises(StorageUnavailable) as refused:
+                await engine.submit(new, interest="e", client_id="e", subscribe=False)
+            with pytest.raises(JobNotFound):
+                await engine.get(new.job_id)
+            return cached, joined, refused.value, await engine.client_jobs("e")
+
+    try:
+        cached, joined, refused, listed = asyncio.run(scenario())
+    finally:
+        if kv is not None:
+            kv.stop()
+    assert not cached.created and cached.record.status is JobStatus.COMPLETED
+    assert not joined.created and not joined.record.status.is_terminal
+    assert refused.code == "storage_unavailable" and "disk is nearly full" in refused.message, refused.message
+    assert listed == [], "nothing recorded for the refused job"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -95,6 +95,23 @@ def test_submit_interest_full(lua):
     assert lua.submit(job_id=other, interest="i2", max_per_interest=1)[0] == "created", "another interest may"
 
 
+def test_submit_refuses_only_new_work_while_the_disk_is_low(lua):
+    """The API node found the shared output directory's disk nearly full (issue 16): a new job and a
+    re-run are refused, with nothing written; a join and a cached answer are not."""
+    assert lua.submit(disk_low=True) == ["no_space", [], []]
+    assert not lua.r.exists(lua.keys.job(JOB)) and lua.r.xlen(lua.keys.queue) == 0
+    assert not lua.r.exists(lua.keys.client("c1")) and not lua.r.exists(f"{PREFIX}ia:i1")
+    msg, fence = lua.running_job()
+    assert lua.submit(interest="i2", disk_low=True)[0] == "joined"
+    assert lua.move(fence, JobStatus.COMPLETED, result=json.dumps(RESULT.to_dict())) == ["ok", "0"]
+    assert lua.submit(interest="i3", disk_low=True)[0] == "cached"
+    other = spec("another").job_id
+    assert lua.submit(job_id=other, interest="i4")[0] == "created"
+    assert lua.cancel(interest="i4", job_id=other)[0] == "cancelled"
+    assert lua.submit(job_id=other, interest="i4", disk_low=True) == ["no_space", [], []], "a re-run is new work"
+    assert lua.job(other)["status"] == "cancelled" and lua.job(other)["attempt"] == "1"
+
+
 def test_resubmission_of_a_failed_job(lua):
     msg, fence = lua.running_job()
     assert lua.move(fence, JobStatus.FAILED, error="boom", failure=FailureCode.GENERATION_FAILED.value) == ["ok", "0"]
@@ -300,6 +317,15 @@ def test_submit_upscale_retry_is_new_work_under_the_limits(lua):
     assert lua.job(UPSCALE_JOB)["status"] == "completed"
 
 
+def test_submit_upscale_retry_is_refused_while_the_disk_is_low(lua):
+    _, result = completed_without_upscale(lua)
+    before = lua.job(UPSCALE_JOB)
+    assert lua.submit(job_id=UPSCALE_JOB, interest="i2", spec_json=UPSCALE_SPEC_JSON, disk_low=True,
+                      retry=(result, json.dumps(RETRY.to_dict()))) == ["no_space", [], []]
+    assert lua.job(UPSCALE_JOB) == before, "still completed, not queued"
+    assert lua.submit(job_id=UPSCALE_JOB, interest="i2", spec_json=UPSCALE_SPEC_JSON, disk_low=True)[0] == "cached"
+
+
 def test_claim_of_a_dead_workers_generated_job_upscales_it(lua):
     """A worker died while upscaling: the next one upscales the saved image (before: generated
     again from the start, the job set back to pending)."""
@@ -310,3 +336,25 @@ def test_claim_of_a_dead_workers_generated_job_upscales_it(lua):
     assert code == "upscale" and fields["status"] == "generated" and fields["result"] == json.dumps(RESULT.to_dict())
     assert fields["worker"] == "w2" and fields["fence"] == str(int(fence) + 1) and fields["deliveries"] == "2"
     assert lua.move(fence, JobStatus.COMPLETED, "w1") == ["fenced", "generated"], "the old owner is fenced out"
+
+
+def test_claim_of_a_generated_job_past_max_deliveries_hands_it_over_to_complete(lua):
+    """Its upscale crashed ``max_deliveries`` workers: the next worker gets it only to complete it with
+    its saved image (``exhausted``), as a single node's RECOVERY_EXHAUSTED does; before, CLAIM ended it
+    ``failed`` ("the job stopped 2 workers"), dropping that image (issue 15)."""
+    msg, fence = lua.running_job("w1")
+    result = json.dumps(RESULT.to_dict())
+    assert lua.move(fence, JobStatus.GENERATED, result=result) == ["ok", "0"]
+    assert lua.claim(msg, "w2", max_deliveries=2)[0] == "upscale"  # w1 died upscaling; w2 dies too
+    code, flat = lua.claim(msg, "w3", max_deliveries=2)
+    fields = pairs(flat)
+    assert code == "exhausted" and fields == lua.job()
+    assert fields["status"] == "generated" and fields["result"] == result and fields["failure"] == ""
+    assert fields["worker"] == "w3" and fields["deliveries"] == "3" and fields["fence"] == str(int(fence) + 2)
+    assert lua.r.sismember(lua.keys.running, JOB) and lua.r.zscore(lua.keys.pending, JOB) is None
+    assert lua.status_events()[-1]["status"] == "generated", "the worker writes the end (Lua cannot: seeds)"
+    done = json.dumps(replace(RESULT, upscale_error="upscaling stopped 2 workers; it is not retried").to_dict())
+    assert lua.move(fields["fence"], JobStatus.COMPLETED, worker="w3", result=done) == ["ok", "0"]
+    assert [e["status"] for e in lua.status_events()] == ["pending", "processing", "generated", "completed"]
+    assert lua.job()["result"] == done
+    lua.assert_terminal_cleanup(msg)
