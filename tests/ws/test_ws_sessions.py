@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tracemalloc
 
 from server.core.jobs import JobStatus
 from server.ws.outbox import BACKLOG, Connection, ConnState
@@ -30,8 +31,19 @@ class StuckSocket:
 class Record:
     """The fields of a JobRecord that ordering of status messages looks at."""
 
-    def __init__(self, status: str, at: float):
-        self.job_id, self.status, self.attempt, self.updated_at = "j", JobStatus(status), 1, at
+    def __init__(self, status: str, at: float, job_id: str = "j"):
+        self.job_id, self.status, self.attempt, self.updated_at = job_id, JobStatus(status), 1, at
+
+
+class CountingSocket:
+    """A peer that reads everything at once and only counts it."""
+
+    def __init__(self):
+        self.count, self.changed = 0, asyncio.Event()
+
+    async def send_text(self, text):
+        self.count += 1
+        self.changed.set()
 
 
 def test_slow_connection_coalesces_progress_but_keeps_every_status():
@@ -58,3 +70,34 @@ def test_slow_connection_coalesces_progress_but_keeps_every_status():
     steps = [m.get("step", m.get("status")) for m in sent]
     assert steps == [None, 1, 2, 3, 4, 5, 6, 7, 100, "generated", 101, "completed"]
     assert state is ConnState.CLOSED
+
+
+def test_a_long_lived_connection_remembers_a_bounded_number_of_jobs():
+    """A connection that sees 20,000 jobs finish holds no more than one that saw 2,000: what it
+    remembers per job (to skip stale statuses) is bounded (issue 16: nothing grows per job)."""
+    async def push_jobs(conn, socket, first: int, last: int) -> None:
+        for start in range(first, last, 256):  # in batches the outbox (512 messages) can hold
+            for i in range(start, min(start + 256, last)):
+                conn.push_status(Record("completed", 1.0, f"job-{i:06d}"), {"type": "job_status", "i": i})
+            while socket.count < min(start + 256, last):
+                socket.changed.clear()
+                await asyncio.wait_for(socket.changed.wait(), TIMEOUT)
+
+    async def body():
+        socket = CountingSocket()
+        conn = Connection(socket)
+        conn.open()
+        tracemalloc.start()
+        try:
+            await push_jobs(conn, socket, 0, 2_000)
+            after_2k = tracemalloc.get_traced_memory()[0]
+            await push_jobs(conn, socket, 2_000, 20_000)
+            after_20k = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        await conn.stop()
+        return after_20k - after_2k, socket.count
+
+    growth, sent = run(body())
+    assert sent == 20_000
+    assert growth < 100_000, f"{growth} bytes more for 18,000 more jobs"
