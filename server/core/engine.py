@@ -22,7 +22,7 @@ from server.core.jobs import JobRecord
 from server.core.lru import LruCache
 from server.core.locks import KeyedLocks
 from server.core.ports import ActiveJob, EngineConfig, Submission
-from server.core.runner import JobRunner, report_finished, shutdown_outcome
+from server.core.runner import JobRunner, report_finished, shutdown_outcome, stored_form
 from server.core.spec import JobSpec, scoped_job_id
 from server.core.states import STOPPABLE, FailureCode, JobStatus
 from server.core.store import JobStore
@@ -105,17 +105,18 @@ class JobEngine:
         client gets a final status, streams get ``DRAIN_S`` to send it."""
         self._accepting = False
         for active in [a for a in self._active.values() if a.record.status is JobStatus.PENDING]:
-            await self.finish(active, **shutdown_outcome(active.record))
+            await self.finish(active, **shutdown_outcome(active))
         if not await self._wait_idle(grace_s):
             for active in list(self._active.values()):
-                active.request_cancel(FailureCode.SHUTDOWN)
+                if not active.cancel_flag.is_set():  # a user's pending cancel stands (not kept for a restart)
+                    active.request_cancel(FailureCode.SHUTDOWN)
             await self._wait_idle(STOP_WAIT_S)
         for worker in self._workers:
             worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._runner.shutdown()
         for active in list(self._active.values()):  # a step or tile outlasted the wait; its thread ends on its own
-            await self.finish(active, **shutdown_outcome(active.record))
+            await self.finish(active, **shutdown_outcome(active))
         deadline = time.monotonic() + DRAIN_S
         while self.hub.subscriber_count() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)  # streams close their subscriber once their final event is sent
@@ -165,7 +166,8 @@ class JobEngine:
         await self._admit(interest, requester)
         now = time.time()
         if existing is not None:  # failed or cancelled before: run it again
-            record = existing.moved_to(JobStatus.PENDING, error=None, result=None, attempt=existing.attempt + 1)
+            record = existing.moved_to(JobStatus.PENDING, error=None, failure=None, result=None,
+                                       attempt=existing.attempt + 1)
         else:
             record = JobRecord(job_id=job_id, spec=spec, status=JobStatus.PENDING, created_at=now,
                                updated_at=now, owner=owner)
@@ -331,12 +333,11 @@ class JobEngine:
 
     async def move(self, active: ActiveJob, status: JobStatus, **changes) -> JobRecord:
         # Assign before awaiting the store so that two racing moves see each other's result.
-        active.record = active.record.moved_to(status, **changes)
-        record = active.record
+        previous, active.record = active.record, active.record.moved_to(status, **changes)
+        record, stored = active.record, stored_form(previous, active.record)  # a stopped job stays unfinished
         try:
-            # Stopped by shutdown: failed for its clients, unfinished in the store for the next start (#15).
-            if record.failure is not FailureCode.SHUTDOWN:
-                await self.store.put(record)
+            if stored is not None:
+                await self.store.put(stored)
         except Exception as exc:
             # Announce anyway: a job whose state cannot be persisted (disk full) must still reach
             # its terminal state for its waiting clients, and the worker must survive. After a

@@ -229,13 +229,32 @@ def upscale_stopped(cause: FailureCode) -> str:
     return f"upscaling stopped: {UPSCALE_STOP_REASONS.get(cause, cause.value)}"
 
 
-def shutdown_outcome(record: JobRecord) -> dict:
+def shutdown_outcome(active: ActiveJob) -> dict:
     """``finish`` arguments for a job the server stops: a generated job completes with its image
-    (its upscale stopped); any other fails with ``SHUTDOWN``."""
+    (its upscale stopped); any other fails with ``SHUTDOWN`` (kept for the next start, see
+    ``stored_form``) - unless its user's cancel was already pending: that cancel stands."""
+    record = active.record
+    cause = active.cancel_cause if active.cancel_flag.is_set() else FailureCode.SHUTDOWN
     if record.status is JobStatus.GENERATED and record.result is not None:
-        return dict(status=JobStatus.COMPLETED,
-                    result=replace(record.result, upscale_error=upscale_stopped(FailureCode.SHUTDOWN)))
+        return dict(status=JobStatus.COMPLETED, result=replace(record.result, upscale_error=upscale_stopped(cause)))
+    if cause is FailureCode.CANCELLED:
+        return dict(status=JobStatus.CANCELLED, error=FAILURE_MESSAGES[cause], failure=cause)
     return dict(status=JobStatus.FAILED, error=FAILURE_MESSAGES[FailureCode.SHUTDOWN], failure=FailureCode.SHUTDOWN)
+
+
+def stored_form(previous: JobRecord, record: JobRecord) -> JobRecord | None:
+    """What the job store keeps of a move from ``previous`` to ``record`` (None: nothing to write).
+
+    A job the server stops fails for its clients (``shutting_down``) but stays unfinished in the
+    store, so the next start runs it (``states.RECOVERY``; issue #15): a queued one as it is stored;
+    a running one queued again as a new attempt, first in line (a pending job's queue time is its
+    ``updated_at``; it was ahead of every queued job). A graceful stop is not a process death: it
+    does not count toward ``max_restarts``, which a job left ``processing`` would."""
+    if record.status is not JobStatus.FAILED or record.failure is not FailureCode.SHUTDOWN:
+        return record
+    if previous.status is JobStatus.PROCESSING:
+        return replace(previous.moved_to(JobStatus.PENDING, attempt=previous.attempt + 1), updated_at=previous.created_at)
+    return None
 
 
 def report_finished(record: JobRecord, metrics) -> None:
