@@ -166,8 +166,7 @@ class JobEngine:
         await self._admit(interest, requester)
         now = time.time()
         if existing is not None:  # failed or cancelled before: run it again
-            record = existing.moved_to(JobStatus.PENDING, error=None, failure=None, result=None,
-                                       attempt=existing.attempt + 1)
+            record = existing.moved_to(JobStatus.PENDING, error=None, failure=None, result=None, attempt=existing.attempt + 1)
         else:
             record = JobRecord(job_id=job_id, spec=spec, status=JobStatus.PENDING, created_at=now,
                                updated_at=now, owner=owner)
