@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,9 @@ from server.core.profiles import ModelProfile
 
 log = logging.getLogger(__name__)
 INPUTS_DIR = "inputs"
+# Between store()'s refresh of an existing input and a prune's age check and delete of that file
+# (both run in worker threads): without it a prune could take a file a new job was just given.
+_PRUNE_LOCK = threading.Lock()
 FORMATS = ("PNG", "JPEG", "WEBP")
 REPAINT, KEEP = 255, 0
 
@@ -101,13 +105,16 @@ def input_path(output_dir: Path, sha: str) -> Path:
 
 def store(output_dir: Path, image: Image.Image) -> str:
     """Store ``image`` once under its pixel hash; returns the hash. Concurrent stores of the same
-    picture are harmless: each writes complete bytes and the rename is atomic."""
+    picture are harmless: each writes complete bytes and the link is exclusive."""
     sha = pixel_sha(image)
     target = input_path(output_dir, sha)
-    try:
-        os.utime(target)  # stored again: a new job will refer to it, so retention must not take it now
-    except FileNotFoundError:
-        files.write_atomic(target.parent, target.name, files.encode_image(image, "png", png_level=1))
+    with _PRUNE_LOCK:  # a prune deciding on this very file waits, then sees it refreshed
+        try:
+            os.utime(target)  # stored again: a new job will refer to it, so retention must not take it now
+            return sha
+        except FileNotFoundError:
+            pass
+    files.write_atomic(target.parent, target.name, files.encode_image(image, "png", png_level=1))  # new: young
     return sha
 
 
@@ -118,10 +125,11 @@ def prune_unreferenced(output_dir: Path, referenced: set[str], stored_before: fl
     directory = Path(output_dir) / INPUTS_DIR
     for path in directory.glob("*.png") if directory.is_dir() else ():
         try:
-            stat = path.stat()
-            if path.stem in referenced or stat.st_mtime >= stored_before:
-                continue
-            path.unlink()
+            with _PRUNE_LOCK:  # checked and deleted with no store() refreshing it in between
+                stat = path.stat()
+                if path.stem in referenced or stat.st_mtime >= stored_before:
+                    continue
+                path.unlink()
         except OSError as exc:
             log.warning("retention: could not delete the input %s: %s", path.name, exc)
             continue
