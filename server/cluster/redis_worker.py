@@ -84,6 +84,7 @@ class _Claim:
     def __init__(self, active: ActiveJob, fence: str, msg: str):
         self.active, self.fence, self.msg = active, fence, msg
         self.fenced = False
+        self.ended = False  # the job's run is over: the heartbeat stops at its next wake-up
         self.last_beat = time.monotonic()
         self.beat_steps = 0
         self.buffer = StepBuffer()
@@ -234,11 +235,26 @@ class RedisWorker:
                 await self.finish(claim.active, JobStatus.FAILED, error="internal server error",
                                   failure=FailureCode.INTERNAL)
         finally:
-            for task in helpers:
-                task.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+            await self._end_helpers(claim, *helpers)
             self._claim = None
             self._job_done.set()
+
+    async def _end_helpers(self, claim: _Claim, flusher: asyncio.Task, heartbeat: asyncio.Task) -> None:
+        """Stop the claim's flusher and heartbeat. The heartbeat is woken, not cancelled: a
+        cancelled blocking read can leave redis-py's connection hanging or swallow the cancel
+        (redis/redis-py#2028, #2579), which hung a worker's stop (CI, 1 run in ~30)."""
+        claim.ended = True
+        flusher.cancel()
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                key = self.keys.cancel_wake(claim.active.job_id)
+                await pipe.rpush(key, "end").expire(key, self.options.result_ttl_s).execute()
+        except RedisError:
+            pass  # Redis away: the heartbeat's read ends at its own timeout
+        _, pending = await asyncio.wait({heartbeat}, timeout=READ_BLOCK_MS / 1000 + 1)
+        for task in pending:  # last resort; with ``ended`` set it exits after its read anyway
+            task.cancel()
+        await asyncio.gather(flusher, return_exceptions=True)
 
     async def _complete_saved(self, active: ActiveJob, upscale_error: str) -> None:
         """Complete a generated job with its saved image and ``upscale_error``, running nothing: one
@@ -329,11 +345,13 @@ class RedisWorker:
         job is past generation (saving, upscaling: bounded work off the denoising loop). Between
         beats, wait for a cancel wake-up; on one, read the flag through STEP at once."""
         period = self.options.reclaim_idle_ms / 4000
-        while not claim.fenced:
+        while not claim.fenced and not claim.ended:
             due = time.monotonic() + period
             woken = False
-            while not woken and time.monotonic() < due:
+            while not woken and not claim.ended and time.monotonic() < due:
                 woken = await self._cancel_woken(claim, due - time.monotonic())
+            if claim.ended:
+                return
             progressed = claim.buffer.steps != claim.beat_steps
             beat = progressed or claim.active.record.status is JobStatus.GENERATED
             if beat or woken:
