@@ -10,10 +10,10 @@ import threading
 
 import pytest
 
-from server.core.engine import EngineConfig
 from server.core.jobs import JobStatus
 from server.testing.fakes import FakeGenerator, FakeUpscaler
 from tests.cluster.conftest import KVServer
+from tests.cluster.takeover import take_over
 from tests.cluster.test_conformance import BACKENDS, TIMEOUT, engine_for, spec, until_terminal
 
 
@@ -66,9 +66,7 @@ def test_redis_generated_job_cancelled_while_its_worker_looks_dead_completes_wit
     import json
 
     from server.cluster.codec import GROUP
-    from server.cluster.redis_engine import ClusterOptions, RedisEngine
-    from server.cluster.redis_worker import RedisWorker
-    from tests.cluster.lua import JOB, PREFIX, RESULT, Lua
+    from tests.cluster.lua import RESULT, Lua
 
     kv = KVServer(backend, tmp_path / "kv").start()
     client = kv.client()
@@ -79,22 +77,9 @@ def test_redis_generated_job_cancelled_while_its_worker_looks_dead_completes_wit
     assert lua.cancel(dead_idle_ms=2000)[0] == "cancelling"
     generator, upscaler = FakeGenerator(), FakeUpscaler()
 
-    async def scenario():
-        config = EngineConfig(output_dir=tmp_path / "out")
-        options = ClusterOptions(url=kv.url, node_id="api", prefix=PREFIX, reclaim_idle_ms=2000)
-        engine = RedisEngine(config, options)
-        worker = RedisWorker(config, ClusterOptions(url=kv.url, node_id="w2", prefix=PREFIX, reclaim_idle_ms=2000),
-                             generator, upscaler)
-        await engine.start()
-        await worker.start()
-        try:
-            return await until_terminal(engine.subscribe(await engine.get(JOB)))
-        finally:
-            await worker.stop(2)
-            await engine.stop(2)
 
     try:
-        kinds, final = asyncio.run(scenario())
+        kinds, final = take_over(kv, tmp_path, generator, upscaler)
     finally:
         client.close()
         kv.stop()
@@ -144,9 +129,7 @@ def test_redis_generated_job_of_a_dead_worker_is_upscaled_not_generated_again(ba
     from PIL import Image
 
     from server.cluster.codec import GROUP
-    from server.cluster.redis_engine import ClusterOptions, RedisEngine
-    from server.cluster.redis_worker import RedisWorker
-    from tests.cluster.lua import JOB, PREFIX, RESULT, Lua
+    from tests.cluster.lua import RESULT, Lua
 
     (tmp_path / "out").mkdir()
     Image.new("RGB", (8, 8), (200, 30, 30)).save(tmp_path / "out" / RESULT.images[0].filename)
@@ -158,21 +141,9 @@ def test_redis_generated_job_of_a_dead_worker_is_upscaled_not_generated_again(ba
     client.xclaim(lua.keys.queue, GROUP, "w1", 0, [msg], idle=100_000, justid=True)  # w1 stopped beating
     generator, upscaler = FakeGenerator(), FakeUpscaler()
 
-    async def scenario():
-        config = EngineConfig(output_dir=tmp_path / "out")
-        engine = RedisEngine(config, ClusterOptions(url=kv.url, node_id="api", prefix=PREFIX, reclaim_idle_ms=2000))
-        worker = RedisWorker(config, ClusterOptions(url=kv.url, node_id="w2", prefix=PREFIX, reclaim_idle_ms=2000),
-                             generator, upscaler)
-        await engine.start()
-        await worker.start()
-        try:
-            return await until_terminal(engine.subscribe(await engine.get(JOB)))
-        finally:
-            await worker.stop(2)
-            await engine.stop(2)
 
     try:
-        kinds, final = asyncio.run(scenario())
+        kinds, final = take_over(kv, tmp_path, generator, upscaler)
     finally:
         client.close()
         kv.stop()

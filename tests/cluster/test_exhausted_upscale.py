@@ -5,24 +5,20 @@ ended ``failed`` and the image was dropped (issue 15)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
 
 from server.cluster.codec import GROUP
-from server.core.engine import EngineConfig
 from server.core.jobs import JobStatus
 from server.testing.fakes import FakeGenerator, FakeUpscaler
 from tests.cluster.conftest import KVServer
-from tests.cluster.lua import JOB, PREFIX, RESULT, Lua
-from tests.cluster.test_conformance import until_terminal
+from tests.cluster.lua import RESULT, Lua
+from tests.cluster.takeover import take_over
 
 
 @pytest.mark.parametrize("backend", ["redis", "valkey"])
 def test_generated_job_whose_upscale_stopped_max_deliveries_workers_completes_with_its_image(backend, tmp_path):
-    from server.cluster.redis_engine import ClusterOptions, RedisEngine
-    from server.cluster.redis_worker import RedisWorker
 
     kv = KVServer(backend, tmp_path / "kv").start()
     client = kv.client()
@@ -33,21 +29,9 @@ def test_generated_job_whose_upscale_stopped_max_deliveries_workers_completes_wi
     client.xclaim(lua.keys.queue, GROUP, "w2", 0, [msg], idle=100_000, justid=True)  # w2 stopped beating
     generator, upscaler = FakeGenerator(), FakeUpscaler()
 
-    async def scenario():
-        config = EngineConfig(output_dir=tmp_path / "out")
-        engine = RedisEngine(config, ClusterOptions(url=kv.url, node_id="api", prefix=PREFIX, reclaim_idle_ms=2000))
-        worker = RedisWorker(config, ClusterOptions(url=kv.url, node_id="w3", prefix=PREFIX, reclaim_idle_ms=2000,
-                                                    max_deliveries=2), generator, upscaler)
-        await engine.start()
-        await worker.start()
-        try:
-            return await until_terminal(engine.subscribe(await engine.get(JOB)))
-        finally:
-            await worker.stop(2)
-            await engine.stop(2)
 
     try:
-        kinds, final = asyncio.run(scenario())
+        kinds, final = take_over(kv, tmp_path, generator, upscaler, node_id="w3", max_deliveries=2)
         fields = lua.job()
     finally:
         client.close()
