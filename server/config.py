@@ -73,7 +73,7 @@ class Settings(BaseSettings):
     retention_min_age_s: float = 3600.0
     retention_interval_s: float = 30.0
     # New jobs are refused (503 storage_unavailable) while the output directory's disk has less
-    # free space than this (a 4x-upscaled 2048^2 PNG is ~50 MB); accepted again once space is back.
+    # free space than this; accepted again once space is back (server.core.disk). 0: no check.
     min_free_disk_bytes: int = 256 * 1024**2
     public_url: str | None = None  # base for absolute image URLs; default: from the request
     shutdown_grace_s: float = 30.0
