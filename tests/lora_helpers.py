@@ -98,3 +98,28 @@ def write_broken(path: Path, cache_dir: Path, model: str = "z-image") -> Path:
     pipeline_class = getattr(diffusers, MODELS[model][0])
     pipeline_class.save_lora_weights(str(path.parent), transformer_lora_layers=state, weight_name=path.name)
     return path
+
+
+def adapted_generator(lora_dir: Path, cache_dir: Path, max_count: int):
+    """Body of a module fixture: a CPU ``DiffusersGenerator`` whose adapters come from ``lora_dir``
+    (at most ``max_count`` loaded), on one torch thread while it is in use."""
+    import torch
+
+    from server.core.loras import LoraDirectory
+    from server.inference.loras import Adapters
+    from server.model import DiffusersGenerator
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    adapters = Adapters(LoraDirectory(lora_dir), max_count=max_count, max_bytes=1 << 30)
+    try:
+        yield DiffusersGenerator(cache_dir, device="cpu", max_resident=2, adapters=adapters)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def lora_ref(generator, name: str, weight: float = 1.0):
+    """The ``LoraRef`` a request for adapter ``name`` resolves to (its file's content hash)."""
+    from server.core.loras import LoraRef
+
+    return LoraRef(name=name, sha256=generator.adapters.directory.find(name).sha256, weight=weight)

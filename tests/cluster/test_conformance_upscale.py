@@ -12,8 +12,8 @@ import pytest
 
 from server.core.jobs import JobStatus
 from server.testing.fakes import FakeGenerator, FakeUpscaler
-from tests.cluster.conftest import KVServer
-from tests.cluster.takeover import take_over
+from tests.cluster.lua import RESULT
+from tests.cluster.takeover import generated_job, stop_beating, take_over
 from tests.cluster.test_conformance import BACKENDS, TIMEOUT, engine_for, spec, until_terminal
 
 
@@ -63,26 +63,11 @@ def test_redis_generated_job_cancelled_while_its_worker_looks_dead_completes_wit
     """The cancel of a generated job whose worker looks dead does not end it ``cancelled`` (its
     image exists): the worker that takes the entry over completes it with that image, running
     nothing (issue 15)."""
-    import json
-
-    from server.cluster.codec import GROUP
-    from tests.cluster.lua import RESULT, Lua
-
-    kv = KVServer(backend, tmp_path / "kv").start()
-    client = kv.client()
-    lua = Lua(client)
-    msg, fence = lua.running_job(worker="w1")
-    assert lua.move(fence, JobStatus.GENERATED, worker="w1", result=json.dumps(RESULT.to_dict())) == ["ok", "0"]
-    client.xclaim(lua.keys.queue, GROUP, "w1", 0, [msg], idle=100_000, justid=True)  # w1 stopped beating
-    assert lua.cancel(dead_idle_ms=2000)[0] == "cancelling"
-    generator, upscaler = FakeGenerator(), FakeUpscaler()
-
-
-    try:
+    with generated_job(backend, tmp_path) as (kv, lua, msg):
+        stop_beating(lua, msg, "w1")
+        assert lua.cancel(dead_idle_ms=2000)[0] == "cancelling"
+        generator, upscaler = FakeGenerator(), FakeUpscaler()
         kinds, final = take_over(kv, tmp_path, generator, upscaler)
-    finally:
-        client.close()
-        kv.stop()
     assert kinds == ["generated", "completed"]
     assert final.status is JobStatus.COMPLETED and final.result.images == RESULT.images
     assert final.result.upscale_error == "upscaling stopped: cancelled"
@@ -124,29 +109,14 @@ def test_a_repeat_runs_a_missing_upscale_without_generating_again(backend, tmp_p
 def test_redis_generated_job_of_a_dead_worker_is_upscaled_not_generated_again(backend, tmp_path):
     """A worker died while upscaling: the worker that takes the entry over upscales the saved
     image. Before, CLAIM set the job back to pending and it was generated again (issue 15)."""
-    import json
-
     from PIL import Image
-
-    from server.cluster.codec import GROUP
-    from tests.cluster.lua import RESULT, Lua
 
     (tmp_path / "out").mkdir()
     Image.new("RGB", (8, 8), (200, 30, 30)).save(tmp_path / "out" / RESULT.images[0].filename)
-    kv = KVServer(backend, tmp_path / "kv").start()
-    client = kv.client()
-    lua = Lua(client)
-    msg, fence = lua.running_job(worker="w1")
-    assert lua.move(fence, JobStatus.GENERATED, worker="w1", result=json.dumps(RESULT.to_dict())) == ["ok", "0"]
-    client.xclaim(lua.keys.queue, GROUP, "w1", 0, [msg], idle=100_000, justid=True)  # w1 stopped beating
-    generator, upscaler = FakeGenerator(), FakeUpscaler()
-
-
-    try:
+    with generated_job(backend, tmp_path) as (kv, lua, msg):
+        stop_beating(lua, msg, "w1")
+        generator, upscaler = FakeGenerator(), FakeUpscaler()
         kinds, final = take_over(kv, tmp_path, generator, upscaler)
-    finally:
-        client.close()
-        kv.stop()
     assert kinds == ["generated", "completed"]
     [image] = final.result.images
     assert final.status is JobStatus.COMPLETED and final.result.upscale_error is None

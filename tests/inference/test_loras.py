@@ -17,11 +17,9 @@ from PIL import Image
 from server.core import inputs
 from server.core.errors import InvalidRequest
 from server.core.generation import GenerationRequest
-from server.core.loras import LoraDirectory, LoraRef
-from server.inference.loras import Adapters
-from server.model import DiffusersGenerator
+from server.core.loras import LoraRef
 from tests.conftest import SHARED_CACHE
-from tests.lora_helpers import write_adapter
+from tests.lora_helpers import adapted_generator, lora_ref, write_adapter
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
@@ -39,15 +37,10 @@ def lora_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def generator(lora_dir):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    adapters = Adapters(LoraDirectory(lora_dir), max_count=2, max_bytes=1 << 30)
-    yield DiffusersGenerator(SHARED_CACHE, device="cpu", max_resident=2, adapters=adapters)
-    torch.set_num_threads(previous)
+    yield from adapted_generator(lora_dir, SHARED_CACHE, max_count=2)
 
 
-def ref(generator, name: str, weight: float = 1.0) -> LoraRef:
-    return LoraRef(name=name, sha256=generator.adapters.directory.find(name).sha256, weight=weight)
+ref = lora_ref
 
 
 def image(generator, *loras: LoraRef, variant=None, **overrides) -> np.ndarray:
